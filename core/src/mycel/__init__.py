@@ -1,0 +1,79 @@
+"""Mycel: a declarative runtime for real-time and event-driven delivery.
+
+The public API for plugin authors and embedders. Everything a plugin needs
+is importable from here; modules whose names start with ``_`` are private.
+
+"""
+
+from __future__ import annotations
+
+from ._asgi import AsgiServer
+from ._config import Config, load_config, load_config_text
+from ._connector import (
+    Connector,
+    Delivery,
+    Event,
+    Filter,
+    Operation,
+    Services,
+    SourceBinding,
+)
+from ._engine import FlowHandle
+from ._expr import Expression, Template, as_text
+from ._hub import Hub, Message, Subscriber, SubscriberClosed
+from ._memory import MemoryConnector, TopicPattern
+from ._plugins import PluginRegistry, load_plugins
+from ._runtime import Runtime
+from ._settings import Duration, Settings, redact_url
+from .errors import (
+    ConfigError,
+    ConnectorError,
+    DeliveryError,
+    ExpressionError,
+    FlowError,
+    MycelError,
+    PluginError,
+    Problem,
+)
+from .hookspecs import hookimpl
+
+__all__ = [
+    "AsgiServer",
+    "Config",
+    "ConfigError",
+    "Connector",
+    "ConnectorError",
+    "Delivery",
+    "DeliveryError",
+    "Duration",
+    "Event",
+    "Expression",
+    "ExpressionError",
+    "Filter",
+    "FlowError",
+    "FlowHandle",
+    "Hub",
+    "MemoryConnector",
+    "Message",
+    "MycelError",
+    "Operation",
+    "PluginError",
+    "PluginRegistry",
+    "Problem",
+    "Runtime",
+    "Services",
+    "Settings",
+    "SourceBinding",
+    "Subscriber",
+    "SubscriberClosed",
+    "Template",
+    "TopicPattern",
+    "as_text",
+    "hookimpl",
+    "load_config",
+    "load_config_text",
+    "load_plugins",
+    "redact_url",
+]
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Real-service fixtures for the tests; see the root conftest.py."""
