@@ -229,6 +229,15 @@ class Connector:
         """Attach a flow that reads from this connector (before start)."""
         self.bindings.append(binding)
 
+    def bind_target(self, operation: str, options: Settings | None) -> None:
+        """Learn of a ``to`` block that names this connector (before start).
+
+        ``operation`` is the operation as written, ``${...}`` templates
+        included. Called once per ``to`` block; a GraphQL server uses it to
+        build its subscription fields. The default does nothing.
+
+        """
+
     async def start(self) -> None:
         """Connect and listen. Runs before any source is started."""
 

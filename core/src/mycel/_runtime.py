@@ -77,6 +77,9 @@ class Runtime:
                 SourceBinding(name, flow.source.operation, flow.source.options, handle)
             )
             for to in flow.to:
+                self.connectors[to.connector].bind_target(
+                    to.operation.source, to.options
+                )
                 if to.fan_out and to.filter is not None and to.filter.indexed:
                     hub = self.connectors[to.connector].services.hub
                     hub.add_index(to.filter.indexed.context_path)
