@@ -167,6 +167,8 @@ class _Checker:
         name = ".".join(str(part) for part in loc)
         line = block.line_of(loc)
         kind = error["type"]
+        if kind == "missing" and loc and loc[-1] in block.invalid:
+            return  # its value was unreadable, and said so already
         if kind == "extra_forbidden":
             known = _field_names(model, loc[:-1])
             hint = _suggest(str(loc[-1]), known) or (
@@ -256,6 +258,8 @@ class _Checker:
             return
         what = f"connector {name!r}"
         type_attr = block.attributes.get("type")
+        if "type" in block.invalid:
+            return
         if type_attr is None or not isinstance(type_attr.value, str):
             self.problem(
                 block, block.line, f"{what} has no type",

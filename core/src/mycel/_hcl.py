@@ -51,6 +51,8 @@ class Block:
     line: int
     attributes: dict[str, Attribute] = field(default_factory=dict)
     blocks: list[Block] = field(default_factory=list)
+    invalid: set[str] = field(default_factory=set)
+    """Attributes whose value could not be read (already reported)."""
 
     def blocks_of(self, type_: str) -> list[Block]:
         return [block for block in self.blocks if block.type == type_]
@@ -103,7 +105,20 @@ class _Unsupported(Exception):
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
-_ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))|\$\$\{|%%\{')
+_ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))|%%\{')
+
+
+# Templates are CEL, not HCL: before parsing, every ``${`` (and every
+# literal ``$${``) is parked on a private-use character so that the HCL
+# parser never looks inside a template (CEL allows single quotes and
+# unbalanced braces in strings, HCL's lexer does not). _unescape restores
+# them.
+_LITERAL = "\ue000"
+_TEMPLATE = "\ue001"
+
+
+def _protect_templates(text: str) -> str:
+    return text.replace("$${", _LITERAL).replace("${", _TEMPLATE)
 
 
 def _unescape(raw: str) -> str:
@@ -111,15 +126,14 @@ def _unescape(raw: str) -> str:
 
     def replace(match: re.Match[str]) -> str:
         text = match.group(0)
-        if text == "$${":
-            return "$${"  # kept escaped: templates see it as a literal
         if text == "%%{":
             return "%{"
         if match.group(1) or match.group(2):
             return chr(int(match.group(1) or match.group(2), 16))
         return _ESCAPES.get(match.group(3), text)
 
-    return _ESCAPE.sub(replace, raw)
+    restored = raw.replace(_TEMPLATE, "${").replace(_LITERAL, "$${")
+    return _ESCAPE.sub(replace, restored)
 
 
 class _Reader:
@@ -157,8 +171,11 @@ class _Reader:
         try:
             value = self.value(tree.children[-1])
         except _Unsupported as exc:
+            # Reported here; leaving the attribute out keeps the settings
+            # check from reporting it a second time.
             self.problems.append(Problem(self.file, exc.line, str(exc)))
-            value = None
+            into.invalid.add(name)
+            return
         into.attributes[name] = Attribute(name, value, self.file, line)
 
     def block(self, tree: Tree[Any]) -> Block:
@@ -289,6 +306,7 @@ def read_text(
 ) -> tuple[Block, list[Problem]]:
     """Read one file's text into a root block, with the problems found."""
     root = Block("<root>", [], file, 1)
+    text = _protect_templates(text)
     try:
         tree = hcl2.parses_to_tree(text)
     except UnexpectedInput as exc:

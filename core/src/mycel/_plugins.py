@@ -127,12 +127,13 @@ def load_plugins(
         try:
             plugin = load()
             pm.register(plugin, name=info.name)
+            # A misspelled hook would otherwise never fire: fail it now.
+            pm.check_pending()
             _collect(pm, plugin, info, registry)
         except Exception as exc:  # plugin boundary: anything may go wrong
             if pm.get_plugin(info.name) is not None:
                 pm.unregister(name=info.name)
             _record_failure(info, exc)
-    pm.check_pending()
 
     # Operations contributed to other plugins' types come last, once every
     # type is known.
