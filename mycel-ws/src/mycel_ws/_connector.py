@@ -1,0 +1,458 @@
+"""The ``websocket`` connector: rooms, broadcasts and per-client filters.
+
+Clients connect to ``ws://HOST:PORT/PATH?k=v``; the query parameters become
+``context.params`` of the connection (``?rooms=a,b`` also joins rooms at
+once). See :mod:`mycel_ws._frames` for the frames both sides speak.
+
+As a target, ``broadcast`` reaches every client and ``room:NAME`` the
+clients in that room; a ``filter`` is evaluated per client by the hub, with
+``context`` being that client's connection. As a source, ``message`` hands
+the ``data`` of each message frame to the flow, and ``connect`` and
+``disconnect`` announce connections.
+
+Known limitations: ``disconnect`` events are not produced for connections
+that the shutdown itself closes (sources have stopped by then); frames a
+client sends are processed one at a time per connection, in order; and
+``context.params`` are whatever the client wrote, so a filter on them is not
+security.
+
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import http
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from mycel import (
+    Connector,
+    ConnectorError,
+    Delivery,
+    DeliveryError,
+    Event,
+    FlowError,
+    Message,
+    Operation,
+    SourceBinding,
+    Subscriber,
+)
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
+from ._context import connection_context, query_params
+from ._frames import (
+    ClientFrame,
+    FrameError,
+    check_room,
+    error_frame,
+    message_frame,
+    parse_frame,
+    room_frame,
+)
+from ._settings import WebSocketSettings
+from ._subscriber import FRAME_CACHE_KEY, SLOW_CONSUMER, WsSubscriber
+
+__all__ = ["WebSocketConnector"]
+
+logger = logging.getLogger("mycel.ws")
+
+SHUTTING_DOWN = "server shutting down"
+
+
+@dataclass(slots=True)
+class _Client:
+    """What the server keeps per connection besides its hub subscriber."""
+
+    connection: ServerConnection
+    subscriber: Subscriber
+    params: dict[str, str]
+    tokens: float
+    stamp: float
+    rooms_at_connect: list[str] = field(default_factory=list)
+
+
+class WebSocketConnector(Connector):
+    """A WebSocket server; see the module docstring."""
+
+    type_name = "websocket"
+    settings_model = WebSocketSettings
+    source_operations = (
+        Operation("message", "the data of each message frame a client sends"),
+        Operation("connect", "a client connected"),
+        Operation("disconnect", "a client's connection closed"),
+    )
+    target_operations = (
+        Operation("broadcast", "every connected client"),
+        Operation("room:NAME", "the clients in room NAME", r"room:.+"),
+    )
+    fan_out = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        assert isinstance(self.settings, WebSocketSettings)
+        self._settings: WebSocketSettings = self.settings
+        self._server: Server | None = None
+        self._accepting = False
+        self._open: set[ServerConnection] = set()
+        self._closing: set[asyncio.Task[None]] = set()
+        self._sources: dict[str, list[tuple[SourceBinding, asyncio.Semaphore]]] = {
+            "message": [],
+            "connect": [],
+            "disconnect": [],
+        }
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful with ``port = 0``)."""
+        if self._server is not None:
+            port: int = self._server.sockets[0].getsockname()[1]
+            return port
+        return self._settings.port
+
+    @property
+    def connection_count(self) -> int:
+        """Connections accepted and not yet closed."""
+        return len(self._open)
+
+    def bind_source(self, binding: SourceBinding) -> None:
+        super().bind_source(binding)
+        limit = asyncio.Semaphore(binding.handle.concurrency)
+        self._sources[binding.operation].append((binding, limit))
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        settings = self._settings
+        try:
+            self._server = await serve(
+                self._handle,
+                settings.host,
+                settings.port,
+                process_request=self._check_handshake,
+                compression="deflate" if settings.compression else None,
+                ping_interval=settings.ping_interval,
+                ping_timeout=settings.ping_timeout,
+                close_timeout=settings.close_timeout,
+                max_size=settings.max_message_size,
+                logger=logging.getLogger("mycel.ws.protocol"),
+                server_header=None,
+            )
+        except OSError as exc:
+            raise ConnectorError(
+                f"connector {self.name!r}: cannot listen on "
+                f"{settings.host}:{settings.port}: {exc.strerror or exc}"
+            ) from exc
+        logger.info(
+            "connector %r listening on ws://%s:%d%s",
+            self.name,
+            settings.host,
+            self.port,
+            settings.path,
+        )
+
+    async def start_sources(self) -> None:
+        self._accepting = True
+
+    async def stop_sources(self) -> None:
+        self._accepting = False
+
+    async def close(self) -> None:
+        # The runtime has closed every hub subscriber by now, which sends
+        # 1001 to each client; the server closes whatever is left the same way.
+        server, self._server = self._server, None
+        if server is not None:
+            server.close(close_connections=True)
+            try:
+                async with asyncio.timeout(self._settings.close_timeout + 1.0):
+                    await server.wait_closed()
+            except TimeoutError:
+                logger.warning(
+                    "connector %r: %d connections did not close in time",
+                    self.name,
+                    len(self._open),
+                )
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+
+    # Handshake
+
+    def _check_handshake(
+        self, connection: ServerConnection, request: Request
+    ) -> Response | None:
+        """Refuse a handshake with an HTTP error that says why, or accept it."""
+        settings = self._settings
+        path = request.path.partition("?")[0]
+        if path != settings.path:
+            return _refuse(
+                connection,
+                http.HTTPStatus.NOT_FOUND,
+                f"no WebSocket endpoint at {path}; connect to {settings.path}",
+            )
+        if not self._accepting:
+            return _refuse(
+                connection,
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                "the server is not accepting connections (starting or shutting down)",
+            )
+        refusal = _origin_refusal(request.headers, settings.allowed_origins)
+        if refusal is not None:
+            return _refuse(connection, http.HTTPStatus.FORBIDDEN, refusal)
+        if len(self._open) >= settings.max_connections:
+            return _refuse(
+                connection,
+                http.HTTPStatus.SERVICE_UNAVAILABLE,
+                f"too many connections: this server takes at most "
+                f"{settings.max_connections}",
+            )
+        try:
+            _initial_rooms(query_params(request.path), settings.max_rooms)
+        except FrameError as exc:
+            return _refuse(connection, http.HTTPStatus.BAD_REQUEST, f"rooms: {exc}")
+
+        # Hold a place until the TCP connection is gone, whatever happens.
+        self._open.add(connection)
+        connection.connection_lost_waiter.add_done_callback(
+            lambda _: self._open.discard(connection)
+        )
+        return None
+
+    # Connections
+
+    async def _handle(self, connection: ServerConnection) -> None:
+        """Serve one connection from the handshake to its close."""
+        assert connection.request is not None
+        params = query_params(connection.request.path)
+        context = connection_context(str(connection.id), params)
+        rooms = _initial_rooms(params, self._settings.max_rooms)
+
+        # Enter the hub and the rooms first, so that nothing is missed.
+        subscriber = self.services.hub.subscribe(
+            context,
+            rooms,
+            queue_size=self._settings.send_queue,
+            on_close=self._subscriber_closed,
+            factory=functools.partial(WsSubscriber, connection=connection),
+        )
+        loop = asyncio.get_running_loop()
+        client = _Client(
+            connection, subscriber, params, 2 * self._settings.room_rate, loop.time()
+        )
+        logger.debug("connection %s open with %s", connection.id, params)
+        try:
+            for room in rooms:
+                await connection.send(room_frame("joined", room), text=True)
+            await self._emit("connect", _connection_event(client), context)
+            async for raw in connection:
+                if not await self._on_frame(client, raw):
+                    break
+        except ConnectionClosed:
+            pass
+        finally:
+            subscriber.close("connection closed")
+            if self._accepting:
+                event = _connection_event(client)
+                event["code"] = connection.close_code
+                event["reason"] = connection.close_reason or ""
+                await self._emit("disconnect", event, context)
+            logger.debug(
+                "connection %s closed: %s %s",
+                connection.id,
+                connection.close_code,
+                connection.close_reason,
+            )
+
+    async def _on_frame(self, client: _Client, raw: str | bytes) -> bool:
+        """Act on one client frame; False when the connection must end."""
+        connection = client.connection
+        try:
+            frame = parse_frame(raw)
+        except FrameError as exc:
+            await connection.send(error_frame(str(exc)), text=True)
+            return True
+        if frame.type == "message":
+            await self._on_message(client, frame)
+            return True
+        if not self._take_room_token(client):
+            await connection.close(
+                CloseCode.POLICY_VIOLATION,
+                f"too many join_room/leave_room frames "
+                f"(at most {self._settings.room_rate:g} per second)",
+            )
+            return False
+        return await self._on_room(client, frame)
+
+    async def _on_room(self, client: _Client, frame: ClientFrame) -> bool:
+        hub = self.services.hub
+        subscriber = client.subscriber
+        room = frame.room
+        if frame.type == "leave_room":
+            hub.leave(subscriber, room)
+            await client.connection.send(room_frame("left", room), text=True)
+            return True
+        limit = self._settings.max_rooms
+        if room not in subscriber.topics and len(subscriber.topics) >= limit:
+            message = f"cannot join {room!r}: already in {limit} rooms (max_rooms)"
+            await client.connection.send(error_frame(message), text=True)
+            return True
+        hub.join(subscriber, room)
+        await client.connection.send(room_frame("joined", room), text=True)
+        return True
+
+    async def _on_message(self, client: _Client, frame: ClientFrame) -> None:
+        connection = client.connection
+        if not self._sources["message"]:
+            await connection.send(
+                error_frame("this server takes no message frames"), text=True
+            )
+            return
+        if not self._accepting:
+            await connection.send(error_frame("the server is shutting down"), text=True)
+            return
+        failed = await self._emit("message", frame.data, client.subscriber.context)
+        if failed:
+            await connection.send(
+                error_frame("the message could not be processed"), text=True
+            )
+
+    def _take_room_token(self, client: _Client) -> bool:
+        # A token bucket: room_rate per second, bursts of twice that.
+        rate = self._settings.room_rate
+        now = asyncio.get_running_loop().time()
+        client.tokens = min(2 * rate, client.tokens + (now - client.stamp) * rate)
+        client.stamp = now
+        if client.tokens < 1.0:
+            return False
+        client.tokens -= 1.0
+        return True
+
+    async def _emit(self, operation: str, input: Any, context: Any) -> bool:
+        """Run the flows bound to ``operation``; True if any gave up."""
+        failed = False
+        for binding, limit in self._sources[operation]:
+            async with limit:
+                try:
+                    await binding.handle.process(Event(input, context))
+                except FlowError as exc:
+                    logger.warning(
+                        "connector %r: flow %r gave up on a %s event: %s",
+                        self.name,
+                        binding.flow,
+                        operation,
+                        exc,
+                    )
+                    failed = True
+        return failed
+
+    def _subscriber_closed(self, subscriber: Subscriber, reason: str) -> None:
+        """Close the connection of a subscriber the hub or runtime closed."""
+        assert isinstance(subscriber, WsSubscriber)
+        connection = subscriber.connection
+        if reason.startswith(SLOW_CONSUMER):
+            code = CloseCode.POLICY_VIOLATION
+            self.services.metrics.slow_dropped.labels(self.name).inc()
+            logger.warning(
+                "connector %r: closing connection %s: %s",
+                self.name,
+                connection.id,
+                reason,
+            )
+        elif reason == SHUTTING_DOWN:
+            code = CloseCode.GOING_AWAY
+        else:
+            return  # the connection itself is ending
+        task = asyncio.get_running_loop().create_task(
+            self._close_connection(connection, code, reason)
+        )
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_connection(
+        self, connection: ServerConnection, code: int, reason: str
+    ) -> None:
+        # close() waits for the client to read up to the close frame; a
+        # client that never reads is cut off after close_timeout.
+        try:
+            async with asyncio.timeout(self._settings.close_timeout):
+                await connection.close(code, reason)
+        except TimeoutError:
+            connection.transport.abort()
+
+    # Target
+
+    async def deliver(self, delivery: Delivery) -> None:
+        operation = delivery.operation
+        if operation == "broadcast":
+            room: str | None = None
+        elif operation.startswith("room:"):
+            try:
+                room = check_room(operation[5:])
+            except FrameError as exc:
+                raise DeliveryError(
+                    f"operation {operation!r}: {exc}", permanent=True
+                ) from exc
+        else:
+            raise DeliveryError(
+                f"unknown operation {operation!r}; use broadcast or room:NAME",
+                permanent=True,
+            )
+
+        # Encode once; every client gets the same bytes.
+        try:
+            data = message_frame(room, delivery.payload)
+        except (TypeError, ValueError) as exc:
+            raise DeliveryError(
+                f"the payload cannot be sent as JSON: {exc}", permanent=True
+            ) from exc
+        message = Message(
+            room,
+            delivery.input,
+            delivery.payload,
+            flow=delivery.flow,
+            options=delivery.options,
+        )
+        message.cache[FRAME_CACHE_KEY] = data
+        self.services.hub.publish(room, message, delivery.filter)
+
+
+def _refuse(
+    connection: ServerConnection, status: http.HTTPStatus, text: str
+) -> Response:
+    logger.debug("handshake refused with %d: %s", status.value, text)
+    return connection.respond(status, text + "\n")
+
+
+def _origin_refusal(headers: Headers, allowed: list[str] | None) -> str | None:
+    if allowed is None or "*" in allowed:
+        return None
+    origins = headers.get_all("Origin")
+    if not origins:
+        return None  # not a browser; see the allowed_origins setting
+    if len(origins) > 1:
+        return "more than one Origin header"
+    if origins[0] not in allowed:
+        return f"origin {origins[0]!r} is not allowed"
+    return None
+
+
+def _initial_rooms(params: dict[str, str], limit: int) -> list[str]:
+    text = params.get("rooms", "")
+    if not text:
+        return []
+    rooms = list(dict.fromkeys(check_room(r.strip()) for r in text.split(",")))
+    if len(rooms) > limit:
+        raise FrameError(f"at most {limit} rooms (max_rooms), not {len(rooms)}")
+    return rooms
+
+
+def _connection_event(client: _Client) -> dict[str, Any]:
+    return {
+        "id": str(client.connection.id),
+        "params": dict(client.params),
+        "rooms": sorted(client.subscriber.topics),
+    }

@@ -1,0 +1,69 @@
+"""The settings of ``type = "websocket"``."""
+
+from __future__ import annotations
+
+from mycel import Duration, Settings
+from pydantic import Field, field_validator
+
+__all__ = ["WebSocketSettings"]
+
+
+class WebSocketSettings(Settings):
+    """Settings of ``type = "websocket"``."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+
+    port: int = Field(default=8765, ge=0, le=65535)
+    """Port to listen on (0: any free port)."""
+
+    path: str = "/ws"
+    """URL path of the endpoint; handshakes for other paths get HTTP 404."""
+
+    ping_interval: Duration | None = 20.0
+    """How often the server pings each client; null turns pings off."""
+
+    ping_timeout: Duration | None = 20.0
+    """How long a ping may go unanswered before the client is closed (1011)."""
+
+    close_timeout: Duration = 5.0
+    """How long a closing handshake may take before the socket is dropped."""
+
+    max_message_size: int = Field(default=1_048_576, ge=1)
+    """Largest frame a client may send, in bytes; larger ones close with 1009."""
+
+    send_queue: int = Field(default=1000, ge=1)
+    """Messages that may wait for one client once its socket buffer is full.
+
+    A client whose queue overflows is closed with 1008 "slow consumer".
+    """
+
+    allowed_origins: list[str] | None = None
+    """``Origin`` values browsers may connect from (``"*"``: any); null: any.
+
+    Handshakes without an ``Origin`` header (clients that are not browsers)
+    are always allowed: the check protects browsers, it is not authentication.
+    """
+
+    max_connections: int = Field(default=10_000, ge=1)
+    """Open connections at most; further handshakes get HTTP 503."""
+
+    compression: bool = False
+    """Offer permessage-deflate; it costs CPU and memory per connection."""
+
+    max_rooms: int = Field(default=100, ge=1)
+    """Rooms one connection may be in at once."""
+
+    room_rate: float = Field(default=20.0, gt=0)
+    """``join_room``/``leave_room`` frames per second a client may send.
+
+    Bursts of up to twice this are allowed; a client that sends more is
+    closed with 1008.
+    """
+
+    @field_validator("path")
+    @classmethod
+    def _path_starts_with_slash(cls, value: str) -> str:
+        if not value.startswith("/") or "?" in value:
+            raise ValueError(f"path must start with '/' and hold no '?', not {value!r}")
+        return value
