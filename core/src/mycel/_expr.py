@@ -143,7 +143,7 @@ def rewrite_text_equality(source: str) -> str:
     tokens = _tokens(source)
     if tokens is None or not any(t[1] in ("==", "!=") for t in tokens):
         return source
-    changed = True
+    changed, rewritten = True, False
     while changed:
         changed = False
         for i, (kind, text) in enumerate(tokens):
@@ -166,9 +166,9 @@ def rewrite_text_equality(source: str) -> str:
             if text == "!=":
                 call = [("op", "!"), *call]
             tokens[left:right_end] = call
-            changed = True
+            changed = rewritten = True
             break
-    return " ".join(t[1] for t in tokens)
+    return " ".join(t[1] for t in tokens) if rewritten else source
 
 
 Activation = Mapping[str, Any]

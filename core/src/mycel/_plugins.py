@@ -123,14 +123,18 @@ def load_plugins(
         candidates.append((PluginInfo(name, name, "local"), lambda p=plugin: p))
 
     for info, load in candidates:
-        registry.plugins.append(info)
         try:
             plugin = load()
+            if pm.is_registered(plugin):
+                continue  # given twice (an entry point and directly): once
+            registry.plugins.append(info)
             pm.register(plugin, name=info.name)
             # A misspelled hook would otherwise never fire: fail it now.
             pm.check_pending()
             _collect(pm, plugin, info, registry)
         except Exception as exc:  # plugin boundary: anything may go wrong
+            if info not in registry.plugins:
+                registry.plugins.append(info)
             if pm.get_plugin(info.name) is not None:
                 pm.unregister(name=info.name)
             _record_failure(info, exc)

@@ -1,0 +1,270 @@
+"""The flow engine: transform, filters, templates, retries, outcomes."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from mycel import (
+    Connector,
+    Delivery,
+    DeliveryError,
+    Event,
+    FlowError,
+    Operation,
+    Settings,
+    _builtin,
+    hookimpl,
+)
+from mycel.testing import running
+
+
+class RecorderSettings(Settings):
+    fail_times: int = 0
+    """Fail this many deliveries before succeeding."""
+
+    permanent: bool = False
+
+
+class Recorder(Connector):
+    """A target that records deliveries and fails on demand."""
+
+    type_name = "recorder"
+    settings_model = RecorderSettings
+    target_operations = (Operation("record", "record the delivery"),)
+    default_operation = "record"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.deliveries: list[Delivery] = []
+        self.attempts = 0
+
+    async def deliver(self, delivery: Delivery) -> None:
+        self.attempts += 1
+        settings = self.settings
+        assert isinstance(settings, RecorderSettings)
+        if self.attempts <= settings.fail_times:
+            raise DeliveryError(f"refused try {self.attempts}", permanent=settings.permanent)
+        self.deliveries.append(delivery)
+
+
+class Plugin:
+    @hookimpl
+    def mycel_connector_types(self) -> list[type[Connector]]:
+        return [Recorder]
+
+
+PLUGINS = [_builtin, Plugin()]
+
+
+def config(flow_body: str, recorder: str = "") -> str:
+    return f"""
+    connector "bus" {{ type = "memory" }}
+    connector "rec" {{
+      type = "recorder"
+      {recorder}
+    }}
+    connector "rec2" {{ type = "recorder" }}
+    flow "f" {{
+      {flow_body}
+      retry {{
+        attempts = 3
+        delay = "1ms"
+      }}
+    }}
+    """
+
+
+async def process(app: Any, payload: Any) -> None:
+    await app.runtime.flows["f"].process(Event(payload, {"topic": "t"}))
+
+
+async def test_transform_fields_see_earlier_output() -> None:
+    text = config(
+        """
+        from { connector = "bus" operation = "t" }
+        transform {
+          id    = "input.order_id"
+          label = "'order-' + string(output.id)"
+        }
+        to { connector = "rec" }
+        """
+    )
+    async with running(text, plugins=PLUGINS) as app:
+        await process(app, {"order_id": 5})
+        (delivery,) = app.connector("rec").deliveries
+        assert delivery.payload == {"id": 5, "label": "order-5"}
+        assert delivery.input == {"order_id": 5}
+
+
+async def test_without_transform_the_input_is_delivered() -> None:
+    text = config('from { connector = "bus" operation = "t" }\nto { connector = "rec" }')
+    async with running(text, plugins=PLUGINS) as app:
+        await process(app, {"a": 1})
+        assert app.connector("rec").deliveries[0].payload == {"a": 1}
+
+
+async def test_filter_decides_whether_a_to_runs() -> None:
+    text = config(
+        """
+        from { connector = "bus" operation = "t" }
+        to {
+          connector = "rec"
+          filter = "input.total > 100"
+        }
+        to { connector = "rec2" }
+        """
+    )
+    async with running(text, plugins=PLUGINS) as app:
+        await process(app, {"total": 50})
+        await process(app, {"total": 500})
+        await process(app, {})  # the filter fails: counted as false
+        assert [d.payload for d in app.connector("rec").deliveries] == [{"total": 500}]
+        assert len(app.connector("rec2").deliveries) == 3
+        metrics = app.runtime.metrics.registry
+        labels = {"flow": "f", "connector": "rec"}
+        assert metrics.get_sample_value("mycel_filter_dropped_total", labels) == 2
+        assert metrics.get_sample_value("mycel_filter_errors_total", labels) == 1
+
+
+async def test_operation_and_target_templates_render_per_event() -> None:
+    text = config(
+        """
+        from { connector = "bus" operation = "t" }
+        to { connector = "bus" target = "orders.${input.region}" }
+        """
+    )
+    async with running(text, plugins=PLUGINS) as app:
+        queue = app.listen("bus", "orders.*")
+        await process(app, {"region": "eu"})
+        assert await asyncio.wait_for(queue.get(), 1) == ("orders.eu", {"region": "eu"})
+
+
+async def test_retry_until_success() -> None:
+    text = config('from { connector = "bus" operation = "t" }\nto { connector = "rec" }', "fail_times = 2")
+    async with running(text, plugins=PLUGINS) as app:
+        await process(app, {"n": 1})
+        assert app.connector("rec").attempts == 3
+        assert len(app.connector("rec").deliveries) == 1
+
+
+async def test_gives_up_after_the_last_try() -> None:
+    text = config('from { connector = "bus" operation = "t" }\nto { connector = "rec" }', "fail_times = 10")
+    async with running(text, plugins=PLUGINS) as app:
+        with pytest.raises(FlowError) as info:
+            await process(app, {"n": 1})
+        assert str(info.value) == "flow 'f': to 'rec' failed after 3 tries: refused try 3"
+        assert info.value.permanent is False
+        failed = app.runtime.metrics.registry.get_sample_value(
+            "mycel_events_failed_total", {"flow": "f"}
+        )
+        assert failed == 1
+
+
+async def test_permanent_failure_is_not_retried() -> None:
+    text = config(
+        'from { connector = "bus" operation = "t" }\nto { connector = "rec" }',
+        "fail_times = 10\npermanent = true",
+    )
+    async with running(text, plugins=PLUGINS) as app:
+        with pytest.raises(FlowError) as info:
+            await process(app, {"n": 1})
+        assert info.value.permanent is True
+        assert app.connector("rec").attempts == 1
+
+
+async def test_retry_repeats_only_the_failed_target() -> None:
+    text = config(
+        """
+        from { connector = "bus" operation = "t" }
+        to { connector = "rec" }
+        to { connector = "rec2" }
+        """,
+        "fail_times = 1",
+    )
+    async with running(text, plugins=PLUGINS) as app:
+        await process(app, {"n": 1})
+        assert app.connector("rec").attempts == 2
+        assert app.connector("rec2").attempts == 1
+
+
+async def test_transform_error_fails_permanently() -> None:
+    text = config(
+        """
+        from { connector = "bus" operation = "t" }
+        transform { id = "input.missing" }
+        to { connector = "rec" }
+        """
+    )
+    async with running(text, plugins=PLUGINS) as app:
+        with pytest.raises(FlowError) as info:
+            await process(app, {"n": 1})
+        assert str(info.value) == (
+            "flow 'f': transform field 'id' failed: 'input.missing': no such key 'missing'"
+        )
+        assert info.value.permanent is True
+        assert app.connector("rec").attempts == 0
+
+
+async def test_events_in_and_out_are_counted() -> None:
+    text = config('from { connector = "bus" operation = "t" }\nto { connector = "rec" }')
+    async with running(text, plugins=PLUGINS) as app:
+        for i in range(3):
+            await process(app, {"n": i})
+        registry = app.runtime.metrics.registry
+        assert registry.get_sample_value("mycel_events_in_total", {"flow": "f"}) == 3
+        assert (
+            registry.get_sample_value("mycel_events_out_total", {"flow": "f", "connector": "rec"})
+            == 3
+        )
+
+
+async def test_memory_source_runs_the_flow() -> None:
+    text = config('from { connector = "bus" operation = "orders.#" }\nto { connector = "rec" }')
+    async with running(text, plugins=PLUGINS) as app:
+        await app.publish("bus", "orders.created.eu", {"id": 1})
+        await app.publish("bus", "payments.x", {"id": 2})
+        await app.memory("bus").drain()
+        assert [d.payload for d in app.connector("rec").deliveries] == [{"id": 1}]
+        assert app.connector("rec").deliveries[0].context == {"topic": "orders.created.eu"}
+
+
+async def test_shutdown_waits_for_in_flight_events() -> None:
+    gate = asyncio.Event()
+
+    class Slow(Recorder):
+        type_name = "slow"
+
+        async def deliver(self, delivery: Delivery) -> None:
+            await gate.wait()
+            await super().deliver(delivery)
+
+    class SlowPlugin:
+        @hookimpl
+        def mycel_connector_types(self) -> list[type[Connector]]:
+            return [Slow]
+
+    text = """
+    connector "bus" { type = "memory" }
+    connector "slow" { type = "slow" }
+    flow "f" {
+      from { connector = "bus" operation = "t" }
+      to { connector = "slow" }
+    }
+    """
+    from mycel.testing import load_test_config
+    from mycel import Runtime
+
+    runtime = Runtime(load_test_config(text, plugins=[_builtin, SlowPlugin()]))
+    await runtime.start()
+    task = asyncio.create_task(runtime.flows["f"].process(Event({"n": 1})))
+    await asyncio.sleep(0)
+    stopping = asyncio.create_task(runtime.stop(timeout=5))
+    await asyncio.sleep(0.05)
+    assert not stopping.done()
+    gate.set()
+    assert await asyncio.wait_for(stopping, 5) is True
+    await task
+    assert len(runtime.connectors["slow"].deliveries) == 1  # type: ignore[attr-defined]

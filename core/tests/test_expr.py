@@ -1,0 +1,148 @@
+"""CEL expressions, text equality and ``${...}`` templates."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+import pytest
+
+from mycel import Expression, ExpressionError, Template, as_text
+from mycel._expr import IndexedEquality, rewrite_text_equality
+
+
+@pytest.mark.parametrize(
+    ("event_value", "expected"),
+    [(123, True), ("123", True), (123.0, True), (124, False), ("0123", False)],
+)
+def test_params_compare_by_text(event_value: object, expected: bool) -> None:
+    expression = Expression("input.user_id == context.params.user_id")
+    variables = {"input": {"user_id": event_value}, "context": {"params": {"user_id": "123"}}}
+    assert expression.evaluate(variables) is expected
+
+
+def test_not_equal_also_compares_by_text() -> None:
+    expression = Expression("context.params.user_id != input.user_id")
+    variables = {"input": {"user_id": 5}, "context": {"params": {"user_id": "5"}}}
+    assert expression.evaluate(variables) is False
+
+
+def test_text_equality_inside_a_larger_expression() -> None:
+    expression = Expression(
+        "input.user_id == context.params.user_id && input.kind == 'order'"
+    )
+    variables = {
+        "input": {"user_id": 9, "kind": "order"},
+        "context": {"params": {"user_id": "9"}},
+    }
+    assert expression.evaluate(variables) is True
+
+
+def test_equality_without_context_keeps_cel_typing() -> None:
+    assert rewrite_text_equality("input.a == 1") == "input.a == 1"
+    assert Expression("input.a == 1").evaluate({"input": {"a": "1"}}) is False
+
+
+def test_rewrite_leaves_calls_alone() -> None:
+    source = "size(input.items) == context.params.n"
+    assert rewrite_text_equality(source) == source
+
+
+def test_missing_field_raises_expression_error() -> None:
+    expression = Expression("input.user_id == context.params.user_id")
+    with pytest.raises(ExpressionError) as info:
+        expression.evaluate({"input": {}, "context": {"params": {"user_id": "1"}}})
+    assert str(info.value) == (
+        "'input.user_id == context.params.user_id': no such key 'user_id'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("source", "message"),
+    [
+        ("", "an expression must be a non-empty string"),
+        ("input.", "cannot compile 'input.': Syntax error: no viable alternative at input '.' at column 7"),
+        ("now()", "unknown function 'now' in 'now()'"),
+        ("request.id", "unknown name 'request' in 'request.id'; use input, output or context"),
+    ],
+)
+def test_compile_errors(source: str, message: str) -> None:
+    with pytest.raises(ExpressionError) as info:
+        Expression(source)
+    assert str(info.value) == message
+
+
+def test_plugin_functions_are_callable() -> None:
+    expression = Expression("shout(input.name)", {"shout": lambda s: s.upper() + "!"})
+    assert expression.evaluate({"input": {"name": "hi"}}) == "HI!"
+
+
+def test_macros_bind_their_variables() -> None:
+    expression = Expression("input.items.exists(i, i > 2)")
+    assert expression.evaluate({"input": {"items": [1, 3]}}) is True
+
+
+def test_template_renders_parts_as_text() -> None:
+    template = Template("room:${input.channel_id}-${input.flag}")
+    assert template.constant is None
+    assert template.render({"input": {"channel_id": 42, "flag": True}}) == "room:42-true"
+
+
+def test_constant_template() -> None:
+    template = Template("broadcast")
+    assert template.constant == "broadcast"
+    assert template.render({}) == "broadcast"
+
+
+def test_escaped_template_is_literal() -> None:
+    assert Template("cost: $${input.x}").render({}) == "cost: ${input.x}"
+
+
+def test_template_with_braces_and_quotes_inside() -> None:
+    template = Template("k:${{'a': input.x}['a'] + '}'}")
+    assert template.render({"input": {"x": "v"}}) == "k:v}"
+
+
+def test_template_part_that_is_not_text() -> None:
+    with pytest.raises(ExpressionError) as info:
+        Template("room:${input.ids}").render({"input": {"ids": [1, 2]}})
+    assert str(info.value) == (
+        "template 'room:${input.ids}': ${input.ids} gave [1, 2], which is not text"
+    )
+
+
+def test_unclosed_template() -> None:
+    with pytest.raises(ExpressionError, match=r"unclosed '\$\{' in template 'a\$\{b'"):
+        Template("a${b")
+
+
+@pytest.mark.parametrize(
+    ("source", "found"),
+    [
+        ("input.user_id == context.params.user_id", ("input", ("user_id",), ("params", "user_id"))),
+        ("context.connection_params.userId == input.user_id", ("input", ("user_id",), ("connection_params", "userId"))),
+        ("output.owner.id == context.user.sub", ("output", ("owner", "id"), ("user", "sub"))),
+        ("input.a == context.params.a && input.b == 1", None),
+        ("input.a == 1", None),
+        ("input.a != context.params.a", None),
+        ("input.a == context.x", None),
+    ],
+)
+def test_indexable_filters_are_detected(source: str, found: tuple[object, ...] | None) -> None:
+    detected = IndexedEquality.detect(source)
+    if found is None:
+        assert detected is None
+    else:
+        assert detected is not None
+        assert (detected.event_root, detected.event_path, detected.context_path) == found
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        ("x", "x"), (True, "true"), (False, "false"), (7, "7"), (7.0, "7"),
+        (7.5, "7.5"), (Decimal("7.00"), "7"), (Decimal("7.50"), "7.5"),
+        (None, None), ([1], None), ({"a": 1}, None),
+    ],
+)
+def test_as_text(value: object, text: str | None) -> None:
+    assert as_text(value) == text
