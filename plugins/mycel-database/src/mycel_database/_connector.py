@@ -1,0 +1,257 @@
+"""The ``database`` connector: payloads become rows.
+
+``to { connector = "db"  target = "messages" }`` inserts each payload (a
+JSON object) as one row of ``messages``: every key names a column, and a
+key that is not a column of the table fails that event with an error naming
+it. Columns the payload leaves out get their defaults.
+
+The target grammar is ``TABLE``, ``INSERT TABLE`` or ``UPSERT TABLE``;
+``UPSERT`` updates the row whose conflict key (the to block's ``key``, or
+the table's primary key) matches, and inserts otherwise. The table's
+columns are read from the database on first use and cached; the cache is
+dropped for a table whenever a write into it fails, so that a column added
+while Mycel runs is found again.
+
+Known limitations: rows of one table written with different column sets go
+out in different batches; batches of one table may commit in a different
+order than their deliveries began when ``pool_size`` allows several in
+flight (an ordered source such as CDC delivers one event at a time, so its
+order holds); there is no ``UPDATE`` or ``DELETE`` target.
+
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Mapping
+from typing import Any
+
+from mycel import (
+    Connector,
+    ConnectorError,
+    Delivery,
+    DeliveryError,
+    Operation,
+    Settings,
+)
+from prometheus_client import CollectorRegistry, Counter
+
+from ._backend import Backend, Batcher, TableInfo
+from ._postgres import PostgresBackend
+from ._settings import DatabaseSettings, DatabaseToOptions
+from ._sqlite import SqliteBackend
+from ._statement import Statement, TableName, TargetSpec, parse_target
+
+__all__ = ["DatabaseConnector"]
+
+_metrics: weakref.WeakKeyDictionary[CollectorRegistry, tuple[Counter, Counter]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _counters(registry: CollectorRegistry) -> tuple[Counter, Counter]:
+    # One pair per registry, shared by every database connector in it.
+    found = _metrics.get(registry)
+    if found is None:
+        found = (
+            Counter(
+                "mycel_database_batches",
+                "Transactions written by database targets",
+                ["connector"],
+                registry=registry,
+            ),
+            Counter(
+                "mycel_database_rows",
+                "Rows committed by database targets",
+                ["connector"],
+                registry=registry,
+            ),
+        )
+        _metrics[registry] = found
+    return found
+
+
+class DatabaseConnector(Connector):
+    """Rows into PostgreSQL or SQLite; see the module docstring."""
+
+    type_name = "database"
+    settings_model = DatabaseSettings
+    target_operations = (
+        Operation("insert", "insert the payload as a row of `target`"),
+        Operation("upsert", "insert, or update the row with the same key"),
+    )
+    default_operation = "insert"
+    target_required = True
+    to_options = DatabaseToOptions
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        assert isinstance(self.settings, DatabaseSettings)
+        self._settings: DatabaseSettings = self.settings
+        self._backend: Backend
+        if self._settings.driver == "postgres":
+            self._backend = PostgresBackend(self._settings)
+        else:
+            assert self._settings.database is not None
+            self._backend = SqliteBackend(
+                self._settings.database,
+                self.services.base_dir,
+                self._settings.connect_timeout,
+            )
+        self._batcher = Batcher(self._backend, self._settings.batch_size)
+        self._targets: dict[str, TargetSpec] = {}
+        self._tables: dict[TableName, asyncio.Task[TableInfo | None]] = {}
+        batches, rows = _counters(self.services.metrics.registry)
+        self._batches = batches.labels(self.name)
+        self._rows = rows.labels(self.name)
+        self._batcher.on_batch = self._count_batch
+
+    def _count_batch(self, rows: int) -> None:
+        self._batches.inc()
+        self._rows.inc(rows)
+
+    async def start(self) -> None:
+        settings = self._settings
+        try:
+            await self._backend.start()
+        except Exception as exc:  # driver boundary: any failure to connect
+            raise ConnectorError(
+                f"database {self.name!r}: cannot connect ({settings.driver}): {exc}"
+            ) from exc
+        where = (
+            settings.database
+            if settings.driver == "sqlite"
+            else self.describe().get("connection_string") or settings.host or "default"
+        )
+        self.services.logger.info(
+            "database %r: connected to %s %s", self.name, settings.driver, where
+        )
+        await self._run_init_sql()
+
+    async def _run_init_sql(self) -> None:
+        scripts: list[tuple[str, str]] = []
+        if self._settings.init_sql_file is not None:
+            path = self.services.base_dir / self._settings.init_sql_file
+            try:
+                scripts.append((str(path), path.read_text(encoding="utf-8")))
+            except OSError as exc:
+                raise ConnectorError(
+                    f"database {self.name!r}: cannot read init_sql_file: {exc}"
+                ) from exc
+        if self._settings.init_sql is not None:
+            scripts.append(("init_sql", self._settings.init_sql))
+        for where, sql in scripts:
+            try:
+                await self._backend.run_script(sql)
+            except Exception as exc:  # driver boundary: report the user's SQL
+                await self._backend.close()
+                raise ConnectorError(
+                    f"database {self.name!r}: {where} failed: {exc}"
+                ) from exc
+
+    async def close(self) -> None:
+        await self._batcher.close()
+        await self._backend.close()
+
+    async def deliver(self, delivery: Delivery) -> None:
+        # Which table, and insert or upsert.
+        spec = self._target(delivery.target)
+        table = spec.table
+        verb = spec.verb or ("upsert" if delivery.operation == "upsert" else "insert")
+        if spec.verb == "insert" and delivery.operation == "upsert":
+            raise DeliveryError(
+                f"operation 'upsert' contradicts target {delivery.target!r}",
+                permanent=True,
+            )
+        payload = delivery.payload
+        if not isinstance(payload, Mapping):
+            raise DeliveryError(
+                f"table {str(table)!r}: the payload must be an object, "
+                f"not {type(payload).__name__}",
+                permanent=True,
+            )
+
+        # Map the payload's keys on the table's columns.
+        info = await self._table_info(table, payload)
+        columns = tuple(name for name in info.columns if name in payload)
+        key: tuple[str, ...] = ()
+        if verb == "upsert":
+            key = self._conflict_key(info, delivery.options)
+        row = []
+        for name in columns:
+            try:
+                row.append(self._backend.convert(info.columns[name], payload[name]))
+            except ValueError as exc:
+                raise DeliveryError(
+                    f"table {str(table)!r} column {name!r}: {exc}", permanent=True
+                ) from exc
+
+        # Write it with whatever else is going into the same statement.
+        statement = Statement(table, verb, columns, key)
+        try:
+            await self._batcher.write(statement, tuple(row))
+        except DeliveryError:
+            self._tables.pop(table, None)
+            raise
+
+    def _target(self, target: str | None) -> TargetSpec:
+        spec = self._targets.get(target or "")
+        if spec is None:
+            try:
+                spec = parse_target(target or "")
+            except ValueError as exc:
+                raise DeliveryError(str(exc), permanent=True) from exc
+            if len(self._targets) < 10_000:
+                self._targets[target or ""] = spec
+        return spec
+
+    async def _table_info(
+        self, table: TableName, payload: Mapping[str, Any]
+    ) -> TableInfo:
+        for attempt in range(2):
+            task = self._tables.get(table)
+            if task is None:
+                task = asyncio.ensure_future(self._backend.table_info(table))
+                self._tables[table] = task
+            try:
+                info = await asyncio.shield(task)
+            except DeliveryError:
+                self._tables.pop(table, None)
+                raise
+            if info is None:
+                self._tables.pop(table, None)
+                raise DeliveryError(
+                    f"table {str(table)!r} does not exist", permanent=True
+                )
+            unknown = [name for name in payload if name not in info.columns]
+            if not unknown:
+                return info
+            # Columns may have been added since they were read: read again once.
+            if attempt == 0:
+                self._tables.pop(table, None)
+        names = ", ".join(repr(name) for name in unknown)
+        noun = "column" if len(unknown) == 1 else "columns"
+        raise DeliveryError(
+            f"table {str(table)!r} has no {noun} {names}", permanent=True
+        )
+
+    def _conflict_key(
+        self, info: TableInfo, options: Settings | None
+    ) -> tuple[str, ...]:
+        given = options.key if isinstance(options, DatabaseToOptions) else None
+        key = tuple(given) if given else info.primary_key
+        if not key:
+            raise DeliveryError(
+                f"UPSERT into table {str(info.table)!r} needs a conflict key: "
+                "the table has no primary key; add key = [...] to the to block",
+                permanent=True,
+            )
+        missing = [name for name in key if name not in info.columns]
+        if missing:
+            raise DeliveryError(
+                f"key column {missing[0]!r} is not a column of table "
+                f"{str(info.table)!r}",
+                permanent=True,
+            )
+        return key

@@ -1,0 +1,434 @@
+"""The database target against a real PostgreSQL, through real flows.
+
+The seed flow ``handle_ws_message`` reads from a WebSocket connector; that
+connector is written elsewhere, so here a ``memory`` connector named
+``ws`` stands in for it with the same flow shape. Likewise ``audit_updates``
+is driven from a memory connector with a CDC-shaped event.
+
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import decimal
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+from mycel.testing import App, running
+
+
+@pytest.fixture
+async def pg(pg_database: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(pg_database)
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+def config(url: str, flows: str, *, db: str = "db", extra: str = "") -> str:
+    return f"""
+    connector "ws" {{ type = "memory" }}
+    connector "{db}" {{
+      type              = "database"
+      driver            = "postgres"
+      connection_string = "{url}"
+      {extra}
+    }}
+    {flows}
+    """
+
+
+async def settle(app: App, source: str = "ws") -> None:
+    await asyncio.wait_for(app.memory(source).drain(), 10)
+
+
+def dead_letters(app: App, source: str = "ws") -> list[str]:
+    return [reason for _, _, reason in app.memory(source).dead_letters]
+
+
+HANDLE_WS_MESSAGE = """
+flow "handle_ws_message" {
+  from { connector = "ws"  operation = "message" }
+  to   { connector = "db"  target = "messages" }
+}
+"""
+
+MESSAGES_TABLE = """
+CREATE TABLE messages (
+  id         serial PRIMARY KEY,
+  channel_id int NOT NULL,
+  user_id    text,
+  text       text,
+  meta       jsonb,
+  sent_at    timestamptz
+)
+"""
+
+
+async def test_handle_ws_message_inserts_each_message(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(MESSAGES_TABLE)
+    async with running(config(pg_database, HANDLE_WS_MESSAGE)) as app:
+        await app.publish(
+            "ws",
+            "message",
+            {
+                "channel_id": 7,
+                "user_id": "u1",
+                "text": "hello",
+                "meta": {"client": "web", "tags": ["a", "b"]},
+                "sent_at": "2026-12-03T10:00:00+00:00",
+            },
+        )
+        await app.publish("ws", "message", {"channel_id": 8, "text": "bye"})
+        await settle(app)
+        assert dead_letters(app) == []
+
+    rows = await pg.fetch("SELECT * FROM messages ORDER BY id")
+    assert [dict(r) for r in rows] == [
+        {
+            "id": 1,
+            "channel_id": 7,
+            "user_id": "u1",
+            "text": "hello",
+            "meta": {"client": "web", "tags": ["a", "b"]},
+            "sent_at": dt.datetime(2026, 12, 3, 10, 0, tzinfo=dt.UTC),
+        },
+        {
+            "id": 2,
+            "channel_id": 8,
+            "user_id": None,
+            "text": "bye",
+            "meta": None,
+            "sent_at": None,
+        },
+    ]
+
+
+async def test_audit_updates_inserts_the_cdc_event(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute("""
+        CREATE TABLE audit_log (
+          seq        bigserial PRIMARY KEY,
+          id         int NOT NULL,
+          name       text,
+          _operation text NOT NULL,
+          _table     text NOT NULL,
+          _old       jsonb,
+          logged_at  timestamptz NOT NULL DEFAULT now()
+        )
+    """)
+    flows = """
+    flow "audit_updates" {
+      from { connector = "cdc"       operation = "users.UPDATE" }
+      to   { connector = "audit_db"  target = "INSERT audit_log" }
+    }
+    """
+    text = config(pg_database, flows, db="audit_db").replace('"ws"', '"cdc"')
+    async with running(text) as app:
+        await app.publish(
+            "cdc",
+            "users.UPDATE",
+            {
+                "id": 42,
+                "name": "Ada Lovelace",
+                "_operation": "UPDATE",
+                "_table": "users",
+                "_old": {"id": 42, "name": "Ada"},
+            },
+        )
+        await app.publish(
+            "cdc",
+            "users.INSERT",
+            {
+                "id": 43,
+                "name": "not audited",
+                "_operation": "INSERT",
+                "_table": "users",
+                "_old": None,
+            },
+        )
+        await settle(app, "cdc")
+        assert dead_letters(app, "cdc") == []
+
+    rows = await pg.fetch(
+        "SELECT seq, id, name, _operation, _table, _old FROM audit_log"
+    )
+    assert [dict(r) for r in rows] == [
+        {
+            "seq": 1,
+            "id": 42,
+            "name": "Ada Lovelace",
+            "_operation": "UPDATE",
+            "_table": "users",
+            "_old": {"id": 42, "name": "Ada"},
+        }
+    ]
+
+
+async def test_a_key_that_is_not_a_column_fails_the_event_naming_it(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(MESSAGES_TABLE)
+    async with running(config(pg_database, HANDLE_WS_MESSAGE)) as app:
+        await app.publish("ws", "message", {"channel_id": 1, "colour": "red"})
+        await app.publish("ws", "message", {"channel_id": 2, "text": "fine"})
+        await settle(app)
+        assert dead_letters(app) == [
+            "flow 'handle_ws_message': to 'db' failed after 1 try: "
+            "table 'messages' has no column 'colour'"
+        ]
+    assert await pg.fetchval("SELECT array_agg(channel_id) FROM messages") == [2]
+
+
+async def test_a_column_added_while_running_is_found(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(MESSAGES_TABLE)
+    async with running(config(pg_database, HANDLE_WS_MESSAGE)) as app:
+        await app.publish("ws", "message", {"channel_id": 1})
+        await settle(app)
+        await pg.execute("ALTER TABLE messages ADD COLUMN mood text")
+        await app.publish("ws", "message", {"channel_id": 2, "mood": "calm"})
+        await settle(app)
+        assert dead_letters(app) == []
+    rows = await pg.fetch("SELECT channel_id, mood FROM messages ORDER BY id")
+    assert [tuple(r) for r in rows] == [(1, None), (2, "calm")]
+
+
+async def test_concurrent_inserts_share_transactions(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(MESSAGES_TABLE)
+    flows = HANDLE_WS_MESSAGE.replace(
+        'flow "handle_ws_message" {', 'flow "handle_ws_message" {\n concurrency = 64'
+    )
+    async with running(config(pg_database, flows, extra="pool_size = 2")) as app:
+        for i in range(500):
+            await app.publish("ws", "message", {"channel_id": i, "text": f"m{i}"})
+        await settle(app)
+        assert dead_letters(app) == []
+        registry = app.runtime.metrics.registry
+        rows = registry.get_sample_value(
+            "mycel_database_rows_total", {"connector": "db"}
+        )
+        batches = registry.get_sample_value(
+            "mycel_database_batches_total", {"connector": "db"}
+        )
+    assert rows == 500
+    assert batches is not None and batches < 250
+    count = await pg.fetchval("SELECT count(DISTINCT channel_id) FROM messages")
+    assert count == 500
+
+
+async def test_a_bad_row_in_a_batch_fails_only_its_own_event(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute("CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL)")
+    await pg.execute("INSERT INTO items VALUES (13, 'taken')")
+    flows = """
+    flow "items" {
+      concurrency = 32
+      from { connector = "ws"  operation = "items" }
+      to   { connector = "db"  target = "items" }
+    }
+    """
+    async with running(config(pg_database, flows, extra="pool_size = 1")) as app:
+        for i in range(1, 41):
+            await app.publish("ws", "items", {"id": i, "label": f"item {i}"})
+        await settle(app)
+        assert dead_letters(app) == [
+            "flow 'items': to 'db' failed after 1 try: table 'items': "
+            'duplicate key value violates unique constraint "items_pkey" '
+            "(Key (id)=(13) already exists.)"
+        ]
+        batches = app.runtime.metrics.registry.get_sample_value(
+            "mycel_database_batches_total", {"connector": "db"}
+        )
+    assert batches is not None and batches < 40
+    rows = await pg.fetch("SELECT id, label FROM items ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        (i, "taken" if i == 13 else f"item {i}") for i in range(1, 41)
+    ]
+
+
+async def test_upsert_updates_the_row_with_the_same_primary_key(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(
+        "CREATE TABLE prices (sku text PRIMARY KEY, price numeric, note text)"
+    )
+    flows = """
+    flow "prices" {
+      from { connector = "ws"  operation = "price" }
+      to   { connector = "db"  target = "UPSERT prices" }
+    }
+    """
+    async with running(config(pg_database, flows)) as app:
+        await app.publish("ws", "price", {"sku": "A", "price": "1.50", "note": "x"})
+        await settle(app)
+        await app.publish("ws", "price", {"sku": "A", "price": 2.25})
+        await app.publish("ws", "price", {"sku": "B", "price": 3})
+        await settle(app)
+        assert dead_letters(app) == []
+    rows = await pg.fetch("SELECT sku, price, note FROM prices ORDER BY sku")
+    assert [tuple(r) for r in rows] == [
+        ("A", decimal.Decimal("2.25"), "x"),
+        ("B", decimal.Decimal("3"), None),
+    ]
+
+
+async def test_upsert_with_an_explicit_key_and_operation(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(
+        "CREATE TABLE people (id serial PRIMARY KEY, email text UNIQUE, name text)"
+    )
+    flows = """
+    flow "people" {
+      from { connector = "ws"  operation = "person" }
+      to {
+        connector = "db"
+        operation = "upsert"
+        target    = "public.people"
+        key       = ["email"]
+      }
+    }
+    """
+    async with running(config(pg_database, flows)) as app:
+        await app.publish("ws", "person", {"email": "a@x", "name": "A"})
+        await settle(app)
+        await app.publish("ws", "person", {"email": "a@x", "name": "A2"})
+        await settle(app)
+        assert dead_letters(app) == []
+    rows = await pg.fetch("SELECT email, name FROM people")
+    assert [tuple(r) for r in rows] == [("a@x", "A2")]
+
+
+@pytest.mark.parametrize(
+    ("target", "payload", "reason"),
+    [
+        (
+            "missing_table",
+            {"a": 1},
+            "table 'missing_table' does not exist",
+        ),
+        (
+            "${input.t}",
+            {"t": "x; DROP TABLE t"},
+            "target 'x; DROP TABLE t' is not TABLE, INSERT TABLE or UPSERT "
+            "TABLE (TABLE: letters, digits and _, optionally schema.table)",
+        ),
+        (
+            "UPSERT nokey",
+            {"a": 1},
+            "UPSERT into table 'nokey' needs a conflict key: the table has no "
+            "primary key; add key = [...] to the to block",
+        ),
+        (
+            "nokey",
+            {"a": "twelve"},
+            "table 'nokey' column 'a': 'twelve' is not a valid int4",
+        ),
+        (
+            "nokey",
+            [1, 2],
+            "table 'nokey': the payload must be an object, not list",
+        ),
+        (
+            "nokey",
+            {"a": {"x": 1}},
+            "table 'nokey' column 'a': an object or list needs a json or "
+            "jsonb column, not int4",
+        ),
+    ],
+)
+async def test_bad_deliveries_fail_permanently_with_a_reason(
+    pg_database: str, pg: asyncpg.Connection, target: str, payload: Any, reason: str
+) -> None:
+    await pg.execute("CREATE TABLE nokey (a int)")
+    flows = f"""
+    flow "f" {{
+      from {{ connector = "ws"  operation = "t" }}
+      to   {{ connector = "db"  target = "{target}" }}
+    }}
+    """
+    async with running(config(pg_database, flows)) as app:
+        await app.publish("ws", "t", payload)
+        await settle(app)
+        assert dead_letters(app) == [f"flow 'f': to 'db' failed after 1 try: {reason}"]
+    assert await pg.fetchval("SELECT count(*) FROM nokey") == 0
+
+
+async def test_init_sql_creates_tables_at_start(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    extra = (
+        'init_sql = "CREATE TABLE IF NOT EXISTS messages (channel_id int, text text)"'
+    )
+    async with running(config(pg_database, HANDLE_WS_MESSAGE, extra=extra)) as app:
+        await app.publish("ws", "message", {"channel_id": 5, "text": "hi"})
+        await settle(app)
+    rows = await pg.fetch("SELECT channel_id, text FROM messages")
+    assert [tuple(r) for r in rows] == [(5, "hi")]
+
+
+async def test_host_settings_and_masked_password(pg_database: str) -> None:
+    name = pg_database.rsplit("/", 1)[1]
+    text = f"""
+    connector "ws" {{ type = "memory" }}
+    connector "db" {{
+      type     = "database"
+      driver   = "postgres"
+      host     = "127.0.0.1"
+      port     = 5432
+      user     = "postgres"
+      password = "s3cret"
+      database = "{name}"
+      init_sql = "CREATE TABLE t (a int)"
+    }}
+    flow "f" {{
+      from {{ connector = "ws"  operation = "t" }}
+      to   {{ connector = "db"  target = "t" }}
+    }}
+    """
+    async with running(text) as app:
+        described = app.connector("db").describe()
+        assert described["password"] == "***"
+        await app.publish("ws", "t", {"a": 1})
+        await settle(app)
+        assert dead_letters(app) == []
+
+
+async def test_an_unreachable_server_stops_the_start() -> None:
+    text = """
+    connector "db" {
+      type              = "database"
+      driver            = "postgres"
+      connection_string = "postgresql://postgres:pw@127.0.0.1:1/nowhere"
+      connect_timeout   = "2s"
+    }
+    connector "ws" { type = "memory" }
+    flow "f" {
+      from { connector = "ws"  operation = "t" }
+      to   { connector = "db"  target = "t" }
+    }
+    """
+    from mycel import ConnectorError
+
+    with pytest.raises(ConnectorError) as caught:
+        async with running(text):
+            pass
+    message = str(caught.value)
+    assert message.startswith("database 'db': cannot connect (postgres): ")
+    assert "pw" not in message
