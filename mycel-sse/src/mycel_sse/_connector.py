@@ -1,0 +1,401 @@
+"""The ``sse`` connector: Server-Sent Events streams with filters and replay.
+
+Clients ``GET PATH/STREAM?k=v`` (or ``GET PATH`` for broadcasts only) and
+receive ``text/event-stream``; the query parameters become
+``context.params`` for the filters of the ``to`` blocks. ``broadcast``
+reaches every client, ``stream:NAME`` the clients of that stream. Event ids,
+replay and the gap signal are described in :mod:`mycel_sse._history`.
+
+Each client has a bounded send queue in the hub. A client that falls
+``send_queue`` events behind, or accepts nothing for ``send_timeout``, is
+disconnected (logged at WARNING); the others never wait for it.
+
+Known limitations: ids and history live in memory, so a restart loses the
+history (reconnecting clients get the ``gap`` event), and several processes
+behind one address do not share ids or histories. A history is kept for
+every stream name that was ever published to, until the process stops.
+
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextvars import ContextVar
+from typing import Any, ClassVar
+
+import anyio
+from mycel import (
+    AsgiServer,
+    Connector,
+    Delivery,
+    DeliveryError,
+    Message,
+    Operation,
+    Settings,
+    Subscriber,
+    SubscriberClosed,
+)
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message as AsgiMessage
+from starlette.types import Receive, Scope, Send
+
+from ._history import (
+    Entry,
+    EventIds,
+    History,
+    encode_comment,
+    encode_event,
+    encode_gap,
+    replay,
+)
+from ._settings import STREAM_NAME, SseSettings, SseToOptions
+
+__all__ = ["SseConnector"]
+
+logger = logging.getLogger("mycel.sse")
+
+_BATCH = 256
+"""Most queued events written to a client in one send."""
+
+_STREAM_RULE = "use 1 to 128 letters, digits, '_', '-' or '.'"
+
+_UVICORN_INCOMPLETE = "ASGI callable returned without completing response."
+
+_cut_on_purpose: ContextVar[bool] = ContextVar("mycel_sse_cut", default=False)
+
+
+class _QuietCut(logging.Filter):
+    """Drops uvicorn's error line for a stream this connector cut on purpose.
+
+    A client that stopped reading cannot be sent the end of its response,
+    so the stream is abandoned and uvicorn closes the socket, logging an
+    error meant for application bugs. The connector has already logged the
+    drop at WARNING; this filter removes only that one line, and only in
+    the task of a stream that was cut (``_cut_on_purpose``). It can go if
+    ASGI gains a way for an application to abort a response.
+
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_cut_on_purpose.get() and record.msg == _UVICORN_INCOMPLETE)
+
+
+_QUIET_CUT = _QuietCut()
+
+
+class _Client:
+    """One connected client: its subscriber and what its writer is doing."""
+
+    __slots__ = ("cancel", "connector", "sending", "stream", "sub")
+
+    def __init__(self, connector: str, stream: str | None) -> None:
+        self.connector = connector
+        self.stream = stream
+        self.sub: Subscriber | None = None
+        self.sending = 0
+        self.cancel: anyio.CancelScope | None = None
+
+    def on_close(self, sub: Subscriber, reason: str) -> None:
+        if not reason.startswith("slow consumer"):
+            return
+        logger.warning(
+            "connector %r: dropped client %d of %s: %s",
+            self.connector,
+            sub.id,
+            self.stream or "broadcasts",
+            reason,
+        )
+        # Blocked in a send, the writer would never see the close: cut it.
+        # Otherwise it sends the reason as a final comment and ends.
+        if self.sending and self.cancel is not None:
+            self.cancel.cancel()
+
+
+class _EventStream(EventSourceResponse):
+    """The response of one client: its replay head, then live events."""
+
+    def __init__(
+        self, client: _Client, sub: Subscriber, head: list[bytes], settings: SseSettings
+    ) -> None:
+        super().__init__(
+            self._events(sub, head),
+            ping=settings.heartbeat_interval,
+            ping_message_factory=lambda: ServerSentEvent(comment="heartbeat", sep="\n"),
+            send_timeout=settings.send_timeout,
+            sep="\n",
+        )
+        self._client = client
+        self._sub = sub
+
+    @staticmethod
+    async def _events(sub: Subscriber, head: list[bytes]) -> AsyncIterator[bytes]:
+        for chunk in head:
+            yield chunk
+        while True:
+            try:
+                message = await sub.get()
+            except SubscriberClosed as exc:
+                yield encode_comment(f"closed: {exc.reason}")
+                return
+
+            # Write what has piled up in one go: fewer, larger sends.
+            parts: list[bytes] = [message.cache["sse"]]
+            while len(parts) < _BATCH:
+                more = sub.get_nowait()
+                if more is None:
+                    break
+                parts.append(more.cache["sse"])
+            yield parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        client = self._client
+
+        async def counted_send(message: AsgiMessage) -> None:
+            client.sending += 1
+            try:
+                await send(message)
+            finally:
+                client.sending -= 1
+
+        try:
+            with anyio.CancelScope() as cancel:
+                client.cancel = cancel
+                await super().__call__(scope, receive, counted_send)
+        except SendTimeoutError:
+            logger.warning(
+                "connector %r: dropped client %d of %s: no data accepted for %ss",
+                client.connector,
+                self._sub.id,
+                client.stream or "broadcasts",
+                self.send_timeout,
+            )
+            _cut_on_purpose.set(True)
+        finally:
+            self._sub.close("client disconnected")
+        if cancel.cancelled_caught:
+            _cut_on_purpose.set(True)
+        logger.debug("connector %r: client %d left", client.connector, self._sub.id)
+
+
+class SseConnector(Connector):
+    """Server-Sent Events to browsers; see the module docstring."""
+
+    type_name = "sse"
+    settings_model = SseSettings
+    target_operations = (
+        Operation("broadcast", "every client, on any stream"),
+        Operation(
+            "stream:NAME",
+            "clients of stream NAME (GET PATH/NAME)",
+            r"stream:[A-Za-z0-9_.\-]{1,128}",
+        ),
+    )
+    default_operation = "broadcast"
+    to_options: ClassVar[type[Settings] | None] = SseToOptions
+    fan_out = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        assert isinstance(self.settings, SseSettings)
+        self._settings: SseSettings = self.settings
+        self._ids = EventIds()
+        self._histories: dict[str | None, History] = {}
+        self._streams: set[str] = set()
+        self._any_stream = False
+        self._server: AsgiServer | None = None
+
+    @property
+    def port(self) -> int:
+        """The port actually listened on (useful with ``port = 0``)."""
+        return self._server.port if self._server else self._settings.port
+
+    @property
+    def epoch(self) -> str:
+        """The first part of every event id of this run."""
+        return self._ids.epoch
+
+    # Configuration
+
+    def bind_target(self, operation: str, options: Settings | None) -> None:
+        if not operation.startswith("stream:"):
+            return
+        if "${" in operation:
+            self._any_stream = True
+        else:
+            self._streams.add(operation.removeprefix("stream:"))
+
+    # Lifecycle
+
+    async def start(self) -> None:
+        settings = self._settings
+        path = settings.path
+        routes = [
+            Route(path, self._open, methods=["GET"]),
+            Route(path + "/{stream:path}", self._open, methods=["GET"]),
+        ]
+        middleware = []
+        if settings.cors is not None:
+            cors = settings.cors
+            middleware.append(
+                Middleware(
+                    CORSMiddleware,
+                    allow_origins=cors.origins,
+                    allow_methods=["GET"],
+                    allow_headers=["Last-Event-ID", *cors.headers],
+                    allow_credentials=cors.credentials,
+                    max_age=int(cors.max_age),
+                )
+            )
+        logging.getLogger("uvicorn.error").addFilter(_QUIET_CUT)
+        self._server = AsgiServer(
+            Starlette(routes=routes, middleware=middleware),
+            settings.host,
+            settings.port,
+        )
+        await self._server.start()
+        logger.info(
+            "connector %r listening on http://%s:%d%s",
+            self.name,
+            settings.host,
+            self._server.port,
+            path,
+        )
+
+    async def close(self) -> None:
+        self.services.hub.close_all("server shutting down")
+        if self._server is not None:
+            await self._server.stop()
+            self._server = None
+
+    # Publishing
+
+    async def deliver(self, delivery: Delivery) -> None:
+        stream = self._stream_of(delivery.operation)
+        options = delivery.options
+        event = options.event if isinstance(options, SseToOptions) else None
+
+        # Encode once, with its id, for every subscriber and for replay.
+        number = self._ids.last + 1
+        try:
+            encoded = encode_event(self._ids.format(number), event, delivery.payload)
+        except (TypeError, ValueError) as exc:
+            raise DeliveryError(
+                f"the payload cannot be sent as JSON: {exc}", permanent=True
+            ) from exc
+        self._ids.next()
+        message = Message(
+            stream,
+            delivery.input,
+            delivery.payload,
+            flow=delivery.flow,
+            options=options,
+        )
+        message.cache["sse"] = encoded
+
+        # Keep it for replay, then hand it to the live clients.
+        history = self._histories.get(stream)
+        if history is None:
+            history = self._histories[stream] = History(
+                self._settings.history_size, self._settings.history_ttl
+            )
+        history.append(Entry(number, time.monotonic(), message, delivery.filter))
+        self.services.hub.publish(stream, message, delivery.filter)
+
+    @staticmethod
+    def _stream_of(operation: str) -> str | None:
+        if operation == "broadcast":
+            return None
+        name = operation.removeprefix("stream:")
+        if name == operation or not STREAM_NAME.fullmatch(name):
+            raise DeliveryError(
+                f"{operation!r} does not name a valid stream; {_STREAM_RULE}",
+                permanent=True,
+            )
+        return name
+
+    # Clients
+
+    def subscriber_context(
+        self, request: Request, stream: str | None
+    ) -> dict[str, Any]:
+        """The ``context`` that filters see for one client.
+
+        ``params`` are the query parameters (the last value of a repeated
+        one) and ``stream`` the stream name, or None on the broadcast path.
+        These are claims the client makes about itself, not identity; an
+        ``auth`` block would add verified claims here.
+
+        """
+        return {"params": dict(request.query_params), "stream": stream}
+
+    async def _open(self, request: Request) -> Response:
+        # Refuse what cannot be served before taking anything.
+        limit = self._settings.max_query_length
+        if len(request.scope.get("query_string", b"")) > limit:
+            return _error(414, f"the query string is longer than {limit} bytes")
+        stream: str | None = request.path_params.get("stream")
+        if stream is not None:
+            refusal = self._refuse_stream(stream)
+            if refusal is not None:
+                return refusal
+
+        # Subscribe first, then read the history: nothing published in
+        # between, since neither step waits, so no event is lost or doubled.
+        context = self.subscriber_context(request, stream)
+        client = _Client(self.name, stream)
+        sub = self.services.hub.subscribe(
+            context,
+            () if stream is None else (stream,),
+            queue_size=self._settings.send_queue,
+            on_close=client.on_close,
+        )
+        client.sub = sub
+        head = self._head(stream, context, request.headers.get("last-event-id", ""))
+        logger.debug(
+            "connector %r: client %d on %s, %d events replayed",
+            self.name,
+            sub.id,
+            stream or "broadcasts",
+            len(head),
+        )
+        return _EventStream(client, sub, head, self._settings)
+
+    def _refuse_stream(self, stream: str) -> Response | None:
+        if not STREAM_NAME.fullmatch(stream):
+            return _error(400, f"invalid stream name {stream[:200]!r}; {_STREAM_RULE}")
+        if not self._any_stream and stream not in self._streams:
+            return _error(404, f"no flow publishes to stream {stream!r}")
+        return None
+
+    def _head(
+        self, stream: str | None, context: dict[str, Any], last_event_id: str
+    ) -> list[bytes]:
+        """What a client gets before live events: retry hint, gap, replay."""
+        head: list[bytes] = []
+        if self._settings.retry is not None:
+            head.append(f"retry: {round(self._settings.retry * 1000)}\n\n".encode())
+        if not last_event_id:
+            return head
+        number = self._ids.parse(last_event_id)
+        if number is None:
+            head.append(encode_gap(last_event_id, "unknown"))
+        keys = (None,) if stream is None else (stream, None)
+        histories = [self._histories[key] for key in keys if key in self._histories]
+        gap, entries = replay(histories, number or 0, context)
+        if gap and number is not None:
+            head.append(encode_gap(last_event_id, "expired"))
+        head.extend(entry.message.cache["sse"] for entry in entries)
+        return head
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)

@@ -1,0 +1,130 @@
+"""Settings of ``type = "sse"`` and of its ``to`` blocks."""
+
+from __future__ import annotations
+
+import re
+
+from mycel import Duration, Settings
+from pydantic import Field, field_validator
+
+__all__ = [
+    "GAP_EVENT",
+    "STREAM_NAME",
+    "CorsSettings",
+    "SseSettings",
+    "SseToOptions",
+]
+
+STREAM_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,128}")
+"""What a stream name may be: in a URL path and in ``stream:NAME``."""
+
+GAP_EVENT = "gap"
+"""The event name of the signal that replay cannot fill a gap."""
+
+_PATH = re.compile(r"(/[A-Za-z0-9_.\-~]+)+")
+_EVENT_NAME = re.compile(r"[^\r\n:]{1,64}")
+
+
+class CorsSettings(Settings):
+    """Cross-origin access for browsers (``cors { ... }`` block)."""
+
+    origins: list[str] = Field(min_length=1)
+    """Origins allowed to open streams, e.g. ``["https://app.example"]``;
+    ``["*"]`` allows any origin (and then credentials cannot be used)."""
+
+    credentials: bool = False
+    """Allow cookies (``new EventSource(url, {withCredentials: true})``)."""
+
+    headers: list[str] = []
+    """Request headers allowed besides ``Last-Event-ID``, which always is."""
+
+    max_age: Duration = 600.0
+    """How long a browser may cache a preflight answer."""
+
+    @field_validator("origins")
+    @classmethod
+    def _check_origins(cls, origins: list[str]) -> list[str]:
+        for origin in origins:
+            if origin != "*" and not re.fullmatch(r"https?://[^/\s]+", origin):
+                raise ValueError(
+                    f"{origin!r} is not an origin; write it like "
+                    '"https://app.example" or "http://localhost:3000" (no path)'
+                )
+        return origins
+
+
+class SseSettings(Settings):
+    """Settings of ``type = "sse"``."""
+
+    host: str = "127.0.0.1"
+    """Address to listen on."""
+
+    port: int = Field(default=8080, ge=0, le=65535)
+    """Port to listen on (0: any free port)."""
+
+    path: str = "/events"
+    """URL path of the broadcast-only stream; streams are ``PATH/NAME``."""
+
+    heartbeat_interval: Duration = Field(default=15.0, gt=0)
+    """How often an idle connection gets a ``: heartbeat`` comment."""
+
+    retry: Duration | None = Field(default=None, gt=0)
+    """Reconnection delay hint sent to each client (``retry:`` field); by
+    default clients use their own (about 3 seconds in browsers)."""
+
+    history_size: int = Field(default=100, ge=0)
+    """Events kept per stream (and for broadcasts) for ``Last-Event-ID``
+    replay; 0 disables replay."""
+
+    history_ttl: Duration | None = Field(default=None, gt=0)
+    """How long an event stays replayable; by default until pushed out by
+    ``history_size`` newer events."""
+
+    send_queue: int = Field(default=1000, ge=1)
+    """Events queued for one client; a client that falls this far behind
+    is disconnected so that it cannot slow the others."""
+
+    send_timeout: Duration = Field(default=10.0, gt=0)
+    """A client that accepts no data for this long is disconnected."""
+
+    max_query_length: int = Field(default=2048, ge=0)
+    """Longest query string accepted, in bytes; longer ones get 414."""
+
+    cors: CorsSettings | None = None
+    """Cross-origin access; without it no CORS headers are sent."""
+
+    @field_validator("path")
+    @classmethod
+    def _check_path(cls, path: str) -> str:
+        if not _PATH.fullmatch(path):
+            raise ValueError(
+                f'{path!r} is not a usable path; write it like "/events" '
+                "(starts with /, no trailing /, letters, digits, _ - . ~)"
+            )
+        return path
+
+
+class SseToOptions(Settings):
+    """Extra attributes of a ``to`` block naming an ``sse`` connector."""
+
+    event: str | None = None
+    """The SSE event name (``event:`` field), for
+    ``source.addEventListener(NAME, ...)``; without it clients get the
+    event in ``onmessage``."""
+
+    @field_validator("event")
+    @classmethod
+    def _check_event(cls, event: str | None) -> str | None:
+        if event is None:
+            return None
+        if not _EVENT_NAME.fullmatch(event):
+            raise ValueError(
+                f"{event!r} is not a usable event name; use 1 to 64 "
+                "characters without line breaks or ':'"
+            )
+        if event == GAP_EVENT:
+            raise ValueError(
+                f"event name {event!r} is reserved for the replay gap signal; "
+                "choose another name"
+            )
+        return event
