@@ -1,0 +1,410 @@
+"""The ``cdc`` connector: PostgreSQL changes into flows, in commit order.
+
+Three tasks share one replication session:
+
+- the reader polls the walsender socket, decodes pgoutput into events
+  and queues them in batches, with a confirm mark (an LSN) after each
+  commit and after each server keepalive received between transactions;
+- the processor hands each event, in order, to every flow bound to its
+  table and operation, and advances the confirmed position when it reaches
+  a mark: only once everything before the mark has finished;
+- the status sender reports the confirmed position to the server every
+  ``status_interval`` (and the reader does so whenever the server asks),
+  so that the connection stays up and the server can recycle WAL, also
+  on a quiet database.
+
+When the session breaks (PostgreSQL restarts, the network drops), the
+reader reconnects with capped exponential backoff and resumes from the
+last confirmed position; events queued from the broken session are
+dropped and arrive again. Delivery is therefore at-least-once.
+
+A flow that gives up on an event: if the failure is permanent (a transform
+that fails on this row, a target that rejects it), the event is logged at
+ERROR, counted and kept in :attr:`CdcConnector.dead_letters`, and the
+stream moves on. Any other failure is retried after a backoff (1s, doubling
+to 30s) for as long as it takes, because skipping it would lose the change:
+the slot does not advance meanwhile, so WAL accumulates on the server and
+the replication lag metric grows.
+
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import struct
+from collections import deque
+from typing import Any, ClassVar, Literal
+
+import psycopg
+from mycel import (
+    Connector,
+    ConnectorError,
+    Event,
+    FlowError,
+    Operation,
+    Services,
+    Settings,
+    SourceBinding,
+)
+
+from ._pgoutput import Change, DecodeError, Decoder, format_lsn, relation_type_oids
+from ._settings import (
+    SOURCE_OPERATIONS,
+    CdcSettings,
+    qualified,
+    split_operation,
+    table_key,
+)
+from ._setup import TypeResolver, prepare, slot_in_use_message
+from ._stream import ReplicationStream, StreamClosed
+
+__all__ = ["CdcConnector"]
+
+logger = logging.getLogger("mycel.cdc")
+
+_XLOG_HEAD = struct.Struct(">Q")
+_KEEPALIVE = struct.Struct(">QqB")
+_BATCH = 512
+_QUEUE_BATCHES = 64
+_RETRY_FIRST = 1.0
+_RETRY_MAX = 30.0
+_RECONNECT_FIRST = 0.5
+_RECONNECT_MAX = 30.0
+_ROW_OPERATIONS = ("INSERT", "UPDATE", "DELETE")
+
+
+def _default_name(connector: str) -> str:
+    cleaned = "".join(c if c.isalnum() else "_" for c in connector.lower())
+    return f"mycel_{cleaned}"[:63]
+
+
+class CdcConnector(Connector):
+    """PostgreSQL change data capture; see the module docstring."""
+
+    type_name = "cdc"
+    settings_model = CdcSettings
+    source_operations: ClassVar[tuple[Operation, ...]] = SOURCE_OPERATIONS
+    ordered = True
+
+    def __init__(self, name: str, settings: Settings, services: Services) -> None:
+        super().__init__(name, settings, services)
+        assert isinstance(settings, CdcSettings)
+        self._settings: CdcSettings = settings
+        self.slot = settings.slot_name or _default_name(name)
+        """The replication slot this connector reads."""
+        self.publication = settings.publication or _default_name(name)
+        """The publication that selects the tables."""
+        self.dead_letters: deque[tuple[str, dict[str, Any], str]] = deque(maxlen=1000)
+        """(flow, event, error) of changes skipped after a permanent failure."""
+        self.confirmed = 0
+        """The LSN up to which every change has been handled."""
+        self._received = 0
+        self._server_end = 0
+        self._types = TypeResolver(settings.connection_string)
+        self._decoder = Decoder(self._route, self._types.converter)
+        self._routes: dict[str, dict[str, list[SourceBinding]]] = {}
+        self._context = {"connector": name, "slot": self.slot}
+        self._stream: ReplicationStream | None = None
+        self._queue: asyncio.Queue[tuple[int, list[Change | int]]] = asyncio.Queue(
+            _QUEUE_BATCHES
+        )
+        self._generation = 0
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._lag = services.metrics.replication_lag.labels(name)
+
+    @classmethod
+    def check_binding(
+        cls,
+        settings: Settings,
+        role: Literal["source", "target"],
+        operation: str,
+        options: Settings | None,
+    ) -> list[str]:
+        assert isinstance(settings, CdcSettings)
+        if role != "source":
+            return []
+        table, _ = split_operation(operation)
+        listed = {table_key(*qualified(t)) for t in settings.tables}
+        if table_key(*qualified(table)) not in listed:
+            return [
+                f"table {table!r} is not in the connector's tables "
+                f"({', '.join(settings.tables)}); add it to tables"
+            ]
+        return []
+
+    def describe(self) -> dict[str, Any]:
+        shown = dict(super().describe())
+        shown["connection_string"] = _redacted(self._settings.connection_string)
+        return shown
+
+    # -- lifecycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check the server, create publication and slot, open the stream."""
+        settings = self._settings
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                settings.connection_string, autocommit=True
+            ) as conn:
+                state = await prepare(
+                    conn,
+                    tables=settings.tables,
+                    publication=self.publication,
+                    slot=self.slot,
+                    status_interval=settings.status_interval,
+                )
+        except psycopg.OperationalError as exc:
+            raise ConnectorError(
+                f"connector {self.name!r}: cannot connect to PostgreSQL: "
+                f"{str(exc).strip()}"
+            ) from exc
+        except ConnectorError as exc:
+            raise ConnectorError(f"connector {self.name!r}: {exc}") from exc
+        self.confirmed = state.confirmed
+        self._stream = await self._open_stream(first=True)
+        logger.info(
+            "connector %r: streaming %s through slot %r from %s",
+            self.name,
+            ", ".join(settings.tables),
+            self.slot,
+            format_lsn(self.confirmed),
+        )
+
+    async def start_sources(self) -> None:
+        self._tasks = [
+            asyncio.create_task(self._read_loop(), name=f"cdc-read-{self.name}"),
+            asyncio.create_task(self._process_loop(), name=f"cdc-process-{self.name}"),
+            asyncio.create_task(self._status_loop(), name=f"cdc-status-{self.name}"),
+        ]
+
+    async def stop_sources(self) -> None:
+        """Stop reading; the change being processed still finishes."""
+        self._stopping.set()
+        if self._tasks:
+            reader = self._tasks[0]
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Report the confirmed position one last time and disconnect."""
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            if not stream.closed:
+                try:
+                    await stream.send_status(self._received, self.confirmed)
+                except StreamClosed as exc:
+                    logger.warning(
+                        "connector %r: could not report the final position: %s",
+                        self.name,
+                        exc,
+                    )
+            await stream.close()
+
+    # -- routing --------------------------------------------------------------
+
+    def bind_source(self, binding: SourceBinding) -> None:
+        super().bind_source(binding)
+        table, kind = split_operation(binding.operation)
+        per_table = self._routes.setdefault(table_key(*qualified(table)), {})
+        kinds = _ROW_OPERATIONS if kind == "*" else (kind,)
+        for each in kinds:
+            per_table.setdefault(each, []).append(binding)
+
+    def _route(self, schema: str, name: str) -> dict[str, list[SourceBinding]]:
+        return self._routes.get(table_key(schema, name), {})
+
+    # -- the stream -----------------------------------------------------------
+
+    async def _open_stream(self, *, first: bool = False) -> ReplicationStream:
+        """Connect and START_REPLICATION from the confirmed position."""
+        try:
+            stream = await ReplicationStream.open(self._settings.connection_string)
+        except psycopg.OperationalError as exc:
+            raise StreamClosed(str(exc).strip()) from exc
+        try:
+            await stream.start(self.slot, self.publication, self.confirmed)
+        except StreamClosed as exc:
+            await stream.close()
+            if first and "is active for PID" in str(exc):
+                pid = str(exc).rsplit(" ", 1)[-1]
+                raise ConnectorError(
+                    f"connector {self.name!r}: {slot_in_use_message(self.slot, pid)}"
+                ) from exc
+            raise
+        self._generation += 1
+        self._decoder.reset()
+        return stream
+
+    async def _read_loop(self) -> None:
+        delay = _RECONNECT_FIRST
+        while True:
+            # Connect again after a broken session, backing off while it fails.
+            if self._stream is None:
+                try:
+                    self._stream = await self._open_stream()
+                except StreamClosed as exc:
+                    wait = delay * random.uniform(0.8, 1.0)
+                    logger.warning(
+                        "connector %r: cannot resume replication (%s); "
+                        "retrying in %.1fs",
+                        self.name,
+                        exc,
+                        wait,
+                    )
+                    await asyncio.sleep(wait)
+                    delay = min(delay * 2, _RECONNECT_MAX)
+                    continue
+                logger.info(
+                    "connector %r: replication resumed from %s",
+                    self.name,
+                    format_lsn(self.confirmed),
+                )
+                delay = _RECONNECT_FIRST
+
+            # Read until the session breaks.
+            stream = self._stream
+            try:
+                await self._pump(stream)
+            except (StreamClosed, DecodeError) as exc:
+                level = (
+                    logging.ERROR if isinstance(exc, DecodeError) else logging.WARNING
+                )
+                logger.log(
+                    level,
+                    "connector %r: replication stream lost: %s",
+                    self.name,
+                    exc,
+                )
+            self._stream = None
+            await stream.close()
+
+    async def _pump(self, stream: ReplicationStream) -> None:
+        decoder = self._decoder
+        generation = self._generation
+        queue = self._queue
+        batch: list[Change | int] = []
+        while True:
+            data = stream.poll()
+            if data is None:
+                if batch:
+                    await queue.put((generation, batch))
+                    batch = []
+                await stream.wait()
+                continue
+            tag = data[0]
+            if tag == 119:  # "w": XLogData
+                (lsn,) = _XLOG_HEAD.unpack_from(data, 1)
+                self._received = max(self._received, lsn)
+                body = data[25:]
+                if body[0] == 82:  # "R": resolve its column types first
+                    await self._types.resolve(relation_type_oids(body))
+                decoder.decode(body, lsn, batch)
+                if len(batch) >= _BATCH:
+                    await queue.put((generation, batch))
+                    batch = []
+            elif tag == 107:  # "k": keepalive
+                wal_end, _, reply = _KEEPALIVE.unpack_from(data, 1)
+                self._server_end = max(self._server_end, wal_end)
+                self._received = max(self._received, wal_end)
+                if not decoder.in_transaction:
+                    # Everything up to wal_end has been sent: once what is
+                    # queued before this mark is done, it is all done.
+                    batch.append(wal_end)
+                if reply:
+                    await self._send_status(stream)
+
+    async def _process_loop(self) -> None:
+        while True:
+            generation, batch = await self._queue.get()
+            for item in batch:
+                if generation != self._generation:
+                    break  # from a broken session: it is being sent again
+                if type(item) is int:
+                    self.confirmed = max(self.confirmed, item)
+                    continue
+                if self._stopping.is_set():
+                    return
+                assert isinstance(item, Change)
+                event = Event(item.payload, self._context)
+                targets = item.targets
+                if len(targets) == 1:
+                    await self._run(targets[0], event)
+                else:
+                    await asyncio.gather(*(self._run(b, event) for b in targets))
+
+    async def _run(self, binding: SourceBinding, event: Event) -> None:
+        """Run one flow for one change until it succeeds or fails for good."""
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                await binding.handle.process(event)
+                return
+            except FlowError as exc:
+                where = _where(event.input)
+                if exc.permanent:
+                    logger.error(
+                        "connector %r: flow %r failed permanently on %s; "
+                        "skipped it: %s",
+                        self.name,
+                        binding.flow,
+                        where,
+                        exc.reason,
+                    )
+                    self.dead_letters.append((binding.flow, event.input, str(exc)))
+                    return
+                logger.error(
+                    "connector %r: flow %r failed on %s; trying again in %.0fs "
+                    "(the slot waits meanwhile): %s",
+                    self.name,
+                    binding.flow,
+                    where,
+                    delay,
+                    exc.reason,
+                )
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except TimeoutError:
+                delay = min(delay * 2, _RETRY_MAX)
+                continue
+            raise asyncio.CancelledError  # shutting down: redelivered next run
+
+    async def _status_loop(self) -> None:
+        interval = self._settings.status_interval
+        while True:
+            await asyncio.sleep(interval)
+            stream = self._stream
+            if stream is not None and not stream.closed:
+                try:
+                    await self._send_status(stream)
+                except StreamClosed as exc:
+                    logger.debug("connector %r: status not sent: %s", self.name, exc)
+
+    async def _send_status(self, stream: ReplicationStream) -> None:
+        await stream.send_status(max(self._received, self.confirmed), self.confirmed)
+        self._lag.set(max(0, self._server_end - self.confirmed))
+
+
+def _where(payload: dict[str, Any]) -> str:
+    return (
+        f"{payload.get('_operation')} of {payload.get('_table')!r} "
+        f"at {payload.get('_lsn')}"
+    )
+
+
+def _redacted(conninfo: str) -> str:
+    from mycel import redact_url
+
+    if "://" in conninfo:
+        return redact_url(conninfo)
+    return " ".join(
+        "password=***" if part.startswith("password=") else part
+        for part in conninfo.split()
+    )
