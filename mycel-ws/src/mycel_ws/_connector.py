@@ -24,7 +24,7 @@ import asyncio
 import functools
 import http
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from mycel import (
@@ -74,7 +74,7 @@ class _Client:
     params: dict[str, str]
     tokens: float
     stamp: float
-    rooms_at_connect: list[str] = field(default_factory=list)
+    closing: bool = False
 
 
 class WebSocketConnector(Connector):
@@ -249,16 +249,17 @@ class WebSocketConnector(Connector):
                 await connection.send(room_frame("joined", room), text=True)
             await self._emit("connect", _connection_event(client), context)
             async for raw in connection:
-                if not await self._on_frame(client, raw):
-                    break
+                # Once closing, frames are read only to reach the client's
+                # close frame (websockets stops reading when 16 are waiting).
+                if not client.closing:
+                    await self._on_frame(client, raw)
         except ConnectionClosed:
             pass
         finally:
             subscriber.close("connection closed")
             if self._accepting:
                 event = _connection_event(client)
-                event["code"] = connection.close_code
-                event["reason"] = connection.close_reason or ""
+                event["code"], event["reason"] = _close_of(connection)
                 await self._emit("disconnect", event, context)
             logger.debug(
                 "connection %s closed: %s %s",
@@ -267,42 +268,43 @@ class WebSocketConnector(Connector):
                 connection.close_reason,
             )
 
-    async def _on_frame(self, client: _Client, raw: str | bytes) -> bool:
-        """Act on one client frame; False when the connection must end."""
+    async def _on_frame(self, client: _Client, raw: str | bytes) -> None:
+        """Act on one client frame."""
         connection = client.connection
         try:
             frame = parse_frame(raw)
         except FrameError as exc:
             await connection.send(error_frame(str(exc)), text=True)
-            return True
+            return
         if frame.type == "message":
             await self._on_message(client, frame)
-            return True
+            return
         if not self._take_room_token(client):
-            await connection.close(
+            client.closing = True
+            self._start_closing(
+                connection,
                 CloseCode.POLICY_VIOLATION,
                 f"too many join_room/leave_room frames "
                 f"(at most {self._settings.room_rate:g} per second)",
             )
-            return False
-        return await self._on_room(client, frame)
+            return
+        await self._on_room(client, frame)
 
-    async def _on_room(self, client: _Client, frame: ClientFrame) -> bool:
+    async def _on_room(self, client: _Client, frame: ClientFrame) -> None:
         hub = self.services.hub
         subscriber = client.subscriber
         room = frame.room
         if frame.type == "leave_room":
             hub.leave(subscriber, room)
             await client.connection.send(room_frame("left", room), text=True)
-            return True
+            return
         limit = self._settings.max_rooms
         if room not in subscriber.topics and len(subscriber.topics) >= limit:
             message = f"cannot join {room!r}: already in {limit} rooms (max_rooms)"
             await client.connection.send(error_frame(message), text=True)
-            return True
+            return
         hub.join(subscriber, room)
         await client.connection.send(room_frame("joined", room), text=True)
-        return True
 
     async def _on_message(self, client: _Client, frame: ClientFrame) -> None:
         connection = client.connection
@@ -366,6 +368,11 @@ class WebSocketConnector(Connector):
             code = CloseCode.GOING_AWAY
         else:
             return  # the connection itself is ending
+        self._start_closing(connection, code, reason)
+
+    def _start_closing(
+        self, connection: ServerConnection, code: int, reason: str
+    ) -> None:
         task = asyncio.get_running_loop().create_task(
             self._close_connection(connection, code, reason)
         )
@@ -448,6 +455,22 @@ def _initial_rooms(params: dict[str, str], limit: int) -> list[str]:
     if len(rooms) > limit:
         raise FrameError(f"at most {limit} rooms (max_rooms), not {len(rooms)}")
     return rooms
+
+
+def _close_of(connection: ServerConnection) -> tuple[int, str]:
+    """The close code and reason of whichever side closed first.
+
+    A dead client sends nothing: then it is the server's (1011 after a
+    failed ping); 1006 when no close frame went either way.
+
+    """
+    protocol = connection.protocol
+    first = protocol.close_sent
+    if protocol.close_rcvd is not None and protocol.close_rcvd_then_sent is not False:
+        first = protocol.close_rcvd
+    if first is None:
+        return int(CloseCode.ABNORMAL_CLOSURE), ""
+    return first.code, first.reason
 
 
 def _connection_event(client: _Client) -> dict[str, Any]:
