@@ -1,0 +1,284 @@
+"""Reading a Redis stream through a consumer group, at least once.
+
+One :class:`StreamReader` serves one flow whose ``from`` names
+``stream:NAME``. It reads with ``XREADGROUP`` as the connector's consumer
+in the flow's group and acknowledges an entry with ``XACK`` only after
+``handle.process`` returned for it, so an entry read by a process that
+then dies stays in the group's pending list. The reader gets such entries
+back in two ways:
+
+- its own: at start-up, and after a lost connection, it first reads its
+  consumer's pending entries (``XREADGROUP ... 0``), which is what a
+  restart under the same consumer name finds;
+- other consumers': every ``claim_idle`` it claims entries that have been
+  pending longer than that (``XAUTOCLAIM``), which is what a crashed
+  process on another host leaves behind.
+
+An entry that cannot become an event (no payload field, not UTF-8, not
+JSON) and an entry whose flow gave up are written to the dead-letter
+stream ``NAME.dead`` with the reason, then acknowledged: nothing is
+dropped silently, and one bad entry does not block the stream. If even
+that write fails, the entry is left pending and comes back later.
+
+Known limitations: entries of one stream are processed concurrently (up to
+the flow's ``concurrency``), so a flow may see them out of order; set
+``concurrency = 1`` on the flow for stream order. A flow that keeps
+failing transiently still dead-letters each entry after its retries.
+
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+import mycel
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ._settings import RedisSettings
+
+__all__ = ["DEAD_SUFFIX", "StreamReader"]
+
+logger = logging.getLogger("mycel.redis")
+
+DEAD_SUFFIX = ".dead"
+"""The dead-letter stream of ``NAME`` is ``NAME`` + this suffix."""
+
+_BLOCK_SECONDS = 5.0
+_MAX_RECONNECT_DELAY = 30.0
+
+Entry = tuple[bytes, dict[bytes, bytes] | None]
+
+
+class StreamReader:
+    """Feeds one flow from one stream; see the module docstring."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: RedisSettings,
+        binding: mycel.SourceBinding,
+        stream: str,
+        *,
+        group: str,
+        start: str,
+    ) -> None:
+        self.stream = stream
+        self.group = group
+        self._client = client
+        self._settings = settings
+        self._binding = binding
+        self._start_id = "0" if start == "beginning" else "$"
+        self._slots = asyncio.Semaphore(binding.handle.concurrency)
+        self._in_flight: set[bytes] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.dead_stream = stream + DEAD_SUFFIX
+
+    async def create_group(self) -> None:
+        """Create the consumer group (and the stream) unless it exists."""
+        try:
+            await self._client.xgroup_create(
+                self.stream, self.group, id=self._start_id, mkstream=True
+            )
+        except ResponseError as exc:
+            if not str(exc).startswith("BUSYGROUP"):
+                raise
+        else:
+            logger.info(
+                "created consumer group %r on stream %r", self.group, self.stream
+            )
+
+    async def run(self) -> None:
+        """Read until cancelled; survive lost connections."""
+        delay = self._settings.reconnect_delay
+        while True:
+            try:
+                await self._read_pending()
+                await self._read_new()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                logger.warning(
+                    "stream %r: connection lost, reading again in %.2fs: %s",
+                    self.stream,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _MAX_RECONNECT_DELAY)
+                continue
+            delay = self._settings.reconnect_delay
+
+    async def drain(self) -> None:
+        """Wait for the entries being processed (at close)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def cancel(self) -> None:
+        """Abandon entries still being processed; they stay pending."""
+        for task in self._tasks:
+            task.cancel()
+
+    async def _read_pending(self) -> None:
+        # Our own pending entries first: read after an id cursor, because
+        # reading "0" again would return the same first page forever.
+        cursor = "0"
+        while True:
+            entries = await self._xreadgroup(cursor, block=None)
+            if not entries:
+                return
+            for entry in entries:
+                await self._dispatch(entry)
+            cursor = entries[-1][0].decode()
+
+    async def _read_new(self) -> None:
+        # Then new entries, claiming other consumers' stale ones at every
+        # claim_idle; both loops raise on a lost connection.
+        loop = asyncio.get_running_loop()
+        claim_at = loop.time()
+        block = min(_BLOCK_SECONDS, self._settings.claim_idle)
+        while True:
+            if loop.time() >= claim_at:
+                await self._claim_stale()
+                claim_at = loop.time() + self._settings.claim_idle
+            for entry in await self._xreadgroup(">", block=block):
+                await self._dispatch(entry)
+
+    async def _xreadgroup(self, last_id: str, block: float | None) -> list[Entry]:
+        response: Any = await self._client.xreadgroup(
+            self.group,
+            self._settings.consumer,
+            {self.stream: last_id},
+            count=self._settings.batch,
+            block=None if block is None else int(block * 1000),
+        )
+        if not response:
+            return []
+        entries: list[Entry] = response[0][1]
+        return entries
+
+    async def _claim_stale(self) -> None:
+        cursor = "0-0"
+        while True:
+            response: Any = await self._client.xautoclaim(
+                self.stream,
+                self.group,
+                self._settings.consumer,
+                min_idle_time=int(self._settings.claim_idle * 1000),
+                start_id=cursor,
+                count=self._settings.batch,
+            )
+            next_cursor, entries = response[0], response[1]
+            if entries:
+                logger.warning(
+                    "stream %r: claimed %d entries another consumer of group %r "
+                    "left unacknowledged",
+                    self.stream,
+                    len(entries),
+                    self.group,
+                )
+            for entry in entries:
+                await self._dispatch(entry)
+            cursor = next_cursor.decode()
+            if cursor == "0-0":
+                return
+
+    async def _dispatch(self, entry: Entry) -> None:
+        entry_id, fields = entry
+        if entry_id in self._in_flight:
+            return
+        await self._slots.acquire()
+        self._in_flight.add(entry_id)
+        task = asyncio.create_task(self._handle(entry_id, fields))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, entry_id: bytes, fields: dict[bytes, bytes] | None) -> None:
+        try:
+            await self._process(entry_id, fields)
+        except RedisError as exc:
+            # The entry stays pending and comes back after a reconnect or
+            # a restart; at-least-once allows the repeat.
+            logger.warning(
+                "stream %r: entry %s stays pending: %s",
+                self.stream,
+                entry_id.decode(),
+                exc,
+            )
+        finally:
+            self._in_flight.discard(entry_id)
+            self._slots.release()
+
+    async def _process(
+        self, entry_id: bytes, fields: dict[bytes, bytes] | None
+    ) -> None:
+        # An entry trimmed away while pending has no fields: nothing to do.
+        if not fields:
+            await self._ack(entry_id)
+            return
+
+        event, reason = self._event(entry_id, fields)
+        if event is not None:
+            try:
+                await self._binding.handle.process(event)
+            except mycel.FlowError as exc:
+                reason = str(exc)
+        if reason is not None:
+            await self._dead_letter(entry_id, fields, reason)
+        await self._ack(entry_id)
+
+    def _event(
+        self, entry_id: bytes, fields: dict[bytes, bytes]
+    ) -> tuple[mycel.Event | None, str | None]:
+        """The event of an entry, or why there is none."""
+        name = self._settings.field
+        raw = fields.get(name.encode())
+        if raw is None:
+            return None, f"entry has no field {name!r}"
+        # Decode first: json.loads would guess UTF-16 from a byte order mark.
+        try:
+            payload = json.loads(raw.decode())
+        except UnicodeDecodeError:
+            return None, f"field {name!r} is not UTF-8 text"
+        except ValueError as exc:
+            return None, f"field {name!r} is not JSON: {exc}"
+        others = {
+            key.decode(errors="replace"): value.decode(errors="replace")
+            for key, value in fields.items()
+            if key != name.encode()
+        }
+        context: dict[str, Any] = {
+            "stream": self.stream,
+            "id": entry_id.decode(),
+            "group": self.group,
+            "fields": others,
+        }
+        return mycel.Event(payload, context), None
+
+    async def _dead_letter(
+        self, entry_id: bytes, fields: dict[bytes, bytes], reason: str
+    ) -> None:
+        dead: dict[Any, Any] = dict(fields)
+        dead.update(
+            {
+                "mycel.reason": reason,
+                "mycel.stream": self.stream,
+                "mycel.id": entry_id.decode(),
+                "mycel.group": self.group,
+                "mycel.flow": self._binding.flow,
+            }
+        )
+        await self._client.xadd(self.dead_stream, dead)
+        logger.error(
+            "stream %r: entry %s moved to %r: %s",
+            self.stream,
+            entry_id.decode(),
+            self.dead_stream,
+            reason,
+        )
+
+    async def _ack(self, entry_id: bytes) -> None:
+        await self._client.xack(self.stream, self.group, entry_id)
