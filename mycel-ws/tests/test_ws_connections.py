@@ -96,19 +96,20 @@ async def test_too_many_rooms_at_connect_is_refused_with_400() -> None:
 
 async def test_compression_is_off_unless_configured() -> None:
     port = free_port()
-    async with running(ws_config(port)):
-        async with connect(f"ws://127.0.0.1:{port}/ws") as client:
-            assert client.protocol.extensions == []
+    async with running(ws_config(port)), connect(f"ws://127.0.0.1:{port}/ws") as client:
+        assert client.protocol.extensions == []
     port = free_port()
-    async with running(ws_config(port, "compression = true", BROADCAST)) as app:
-        async with connect(f"ws://127.0.0.1:{port}/ws") as client:
-            names = [e.name for e in client.protocol.extensions]
-            assert names == ["permessage-deflate"]
-            await app.publish("mem", "in", {"x": "y" * 1000})
-            assert await receive(client) == {
-                "type": "message",
-                "data": {"x": "y" * 1000},
-            }
+    async with (
+        running(ws_config(port, "compression = true", BROADCAST)) as app,
+        connect(f"ws://127.0.0.1:{port}/ws") as client,
+    ):
+        names = [e.name for e in client.protocol.extensions]
+        assert names == ["permessage-deflate"]
+        await app.publish("mem", "in", {"x": "y" * 1000})
+        assert await receive(client) == {
+            "type": "message",
+            "data": {"x": "y" * 1000},
+        }
 
 
 # Bad input
@@ -173,43 +174,46 @@ async def test_oversized_frame_closes_with_1009_and_others_carry_on() -> None:
 
 async def test_join_flood_closes_with_1008() -> None:
     port = free_port()
-    async with running(ws_config(port, "room_rate = 5")):
-        async with connect(f"ws://127.0.0.1:{port}/ws") as client:
-            for i in range(30):
-                await client.send(json.dumps({"type": "join_room", "room": f"r{i}"}))
-            # The burst allowance (twice room_rate) is confirmed, then closed.
-            for i in range(10):
-                assert await receive(client) == {"type": "joined", "room": f"r{i}"}
-            assert await closed_with(client) == (
-                1008,
-                "too many join_room/leave_room frames (at most 5 per second)",
-            )
+    async with (
+        running(ws_config(port, "room_rate = 5")),
+        connect(f"ws://127.0.0.1:{port}/ws") as client,
+    ):
+        for i in range(30):
+            await client.send(json.dumps({"type": "join_room", "room": f"r{i}"}))
+        # The burst allowance (twice room_rate) is confirmed, then closed.
+        for i in range(10):
+            assert await receive(client) == {"type": "joined", "room": f"r{i}"}
+        assert await closed_with(client) == (
+            1008,
+            "too many join_room/leave_room frames (at most 5 per second)",
+        )
 
 
 async def test_max_rooms_refuses_one_more_room_with_an_error_frame() -> None:
     port = free_port()
-    async with running(ws_config(port, "max_rooms = 2")):
-        async with connect(f"ws://127.0.0.1:{port}/ws?rooms=a") as client:
-            assert await receive(client) == {"type": "joined", "room": "a"}
-            for room in ("b", "a", "c"):
-                await client.send(json.dumps({"type": "join_room", "room": room}))
-            assert await receive(client) == {"type": "joined", "room": "b"}
-            assert await receive(client) == {"type": "joined", "room": "a"}
-            assert await receive(client) == {
-                "type": "error",
-                "message": "cannot join 'c': already in 2 rooms (max_rooms)",
-            }
+    async with (
+        running(ws_config(port, "max_rooms = 2")),
+        connect(f"ws://127.0.0.1:{port}/ws?rooms=a") as client,
+    ):
+        assert await receive(client) == {"type": "joined", "room": "a"}
+        for room in ("b", "a", "c"):
+            await client.send(json.dumps({"type": "join_room", "room": room}))
+        assert await receive(client) == {"type": "joined", "room": "b"}
+        assert await receive(client) == {"type": "joined", "room": "a"}
+        assert await receive(client) == {
+            "type": "error",
+            "message": "cannot join 'c': already in 2 rooms (max_rooms)",
+        }
 
 
 async def test_message_without_message_flow_gets_an_error_frame() -> None:
     port = free_port()
-    async with running(ws_config(port)):
-        async with connect(f"ws://127.0.0.1:{port}/ws") as client:
-            await client.send('{"type": "message", "data": 1}')
-            assert await receive(client) == {
-                "type": "error",
-                "message": "this server takes no message frames",
-            }
+    async with running(ws_config(port)), connect(f"ws://127.0.0.1:{port}/ws") as client:
+        await client.send('{"type": "message", "data": 1}')
+        assert await receive(client) == {
+            "type": "error",
+            "message": "this server takes no message frames",
+        }
 
 
 async def test_message_whose_flow_fails_gets_an_error_frame() -> None:

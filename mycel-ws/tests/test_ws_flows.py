@@ -171,20 +171,22 @@ async def test_leave_room_stops_room_messages() -> None:
       to   { connector = "ws"   operation = "room:${input.room}" }
     }
     """
-    async with running(ws_config(port, flows=flows)) as app:
-        async with connect(f"ws://127.0.0.1:{port}/ws?rooms=x,y") as client:
-            assert await receive(client) == {"type": "joined", "room": "x"}
-            assert await receive(client) == {"type": "joined", "room": "y"}
-            await client.send('{"type":"leave_room","room":"x"}')
-            assert await receive(client) == {"type": "left", "room": "x"}
-            await app.publish("mem", "in", {"room": "x", "n": 1})
-            await app.publish("mem", "in", {"room": "y", "n": 2})
-            frame = await receive(client)
-            assert frame == {
-                "type": "message",
-                "room": "y",
-                "data": {"room": "y", "n": 2},
-            }
+    async with (
+        running(ws_config(port, flows=flows)) as app,
+        connect(f"ws://127.0.0.1:{port}/ws?rooms=x,y") as client,
+    ):
+        assert await receive(client) == {"type": "joined", "room": "x"}
+        assert await receive(client) == {"type": "joined", "room": "y"}
+        await client.send('{"type":"leave_room","room":"x"}')
+        assert await receive(client) == {"type": "left", "room": "x"}
+        await app.publish("mem", "in", {"room": "x", "n": 1})
+        await app.publish("mem", "in", {"room": "y", "n": 2})
+        frame = await receive(client)
+        assert frame == {
+            "type": "message",
+            "room": "y",
+            "data": {"room": "y", "n": 2},
+        }
 
 
 async def test_evaluated_filter_runs_per_subscriber() -> None:
@@ -202,20 +204,23 @@ async def test_evaluated_filter_runs_per_subscriber() -> None:
     """
     async with running(ws_config(port, flows=flows)) as app:
         url = f"ws://127.0.0.1:{port}/ws"
-        async with connect(url + "?min=5") as high, connect(url + "?min=1") as low:
-            async with connect(url) as no_param:
-                for event in ({"level": 3}, {"level": 7}, {"marker": 1, "level": 0}):
-                    await app.publish("mem", "in", event)
-                assert await receive(low) == {"type": "message", "data": {"level": 3}}
-                assert await receive(low) == {"type": "message", "data": {"level": 7}}
-                assert await receive(high) == {"type": "message", "data": {"level": 7}}
-                # Without the parameter the filter fails and counts as false,
-                # so the first frame no_param gets is the marker.
-                marker = {"type": "message", "data": {"level": 0}}
-                assert await receive(no_param) == marker
-                assert await receive(high) == marker
-                errors = app.runtime.metrics.filter_errors.labels("f", "ws")
-                assert errors._value.get() == 2
+        async with (
+            connect(url + "?min=5") as high,
+            connect(url + "?min=1") as low,
+            connect(url) as no_param,
+        ):
+            for event in ({"level": 3}, {"level": 7}, {"marker": 1, "level": 0}):
+                await app.publish("mem", "in", event)
+            assert await receive(low) == {"type": "message", "data": {"level": 3}}
+            assert await receive(low) == {"type": "message", "data": {"level": 7}}
+            assert await receive(high) == {"type": "message", "data": {"level": 7}}
+            # Without the parameter the filter fails and counts as false,
+            # so the first frame no_param gets is the marker.
+            marker = {"type": "message", "data": {"level": 0}}
+            assert await receive(no_param) == marker
+            assert await receive(high) == marker
+            errors = app.runtime.metrics.filter_errors.labels("f", "ws")
+            assert errors._value.get() == 2
 
 
 async def test_timestamps_are_sent_as_iso_text() -> None:
@@ -227,9 +232,11 @@ async def test_timestamps_are_sent_as_iso_text() -> None:
       to { connector = "ws"  operation = "broadcast" }
     }
     """
-    async with running(ws_config(port, flows=flows)) as app:
-        async with connect(f"ws://127.0.0.1:{port}/ws") as client:
-            await app.publish("mem", "in", {})
-            frame = await receive(client)
-            assert frame["type"] == "message"
-            assert frame["data"]["when"].startswith("2024-01-02T03:04:05")
+    async with (
+        running(ws_config(port, flows=flows)) as app,
+        connect(f"ws://127.0.0.1:{port}/ws") as client,
+    ):
+        await app.publish("mem", "in", {})
+        frame = await receive(client)
+        assert frame["type"] == "message"
+        assert frame["data"]["when"].startswith("2024-01-02T03:04:05")
