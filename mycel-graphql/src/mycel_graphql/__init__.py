@@ -1,0 +1,43 @@
+"""GraphQL subscriptions for Mycel (``type = "graphql"``).
+
+A server driver speaking ``graphql-transport-ws`` and the older
+``graphql-ws`` subprotocol over the fan-out hub, and a client driver that
+subscribes to another GraphQL service. See the distribution's README.
+
+"""
+
+from __future__ import annotations
+
+from ._client import GraphqlClient, subscription_document, websocket_url
+from ._connector import GraphqlConnector
+from ._protocol import (
+    GRAPHQL_TRANSPORT_WS,
+    GRAPHQL_WS,
+    choose_subprotocol,
+    subscriber_context,
+)
+from ._schema import JSON_SCALAR
+from ._server import GraphqlServer
+from ._settings import (
+    ClientFromOptions,
+    GraphqlSettings,
+    ReconnectSettings,
+    SubscriptionSettings,
+)
+
+__all__ = [
+    "GRAPHQL_TRANSPORT_WS",
+    "GRAPHQL_WS",
+    "JSON_SCALAR",
+    "ClientFromOptions",
+    "GraphqlClient",
+    "GraphqlConnector",
+    "GraphqlServer",
+    "GraphqlSettings",
+    "ReconnectSettings",
+    "SubscriptionSettings",
+    "choose_subprotocol",
+    "subscriber_context",
+    "subscription_document",
+    "websocket_url",
+]

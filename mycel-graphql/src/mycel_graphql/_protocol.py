@@ -1,0 +1,477 @@
+"""The two WebSocket subprotocols of GraphQL subscriptions, over the hub.
+
+``graphql-transport-ws`` (the graphql-ws library's protocol) is spoken with
+its whole message set and close codes:
+
+==== ==========================================================
+4400 a message that is not JSON, not of the protocol, or malformed
+4401 ``subscribe`` before the connection was acknowledged
+4403 the connection was refused by :func:`subscriber_context`
+4406 no subprotocol this server speaks was offered
+4408 no ``connection_init`` within ``connection_init_timeout``
+4409 a ``subscribe`` whose id is already in use
+4429 a second ``connection_init``
+==== ==========================================================
+
+The older ``graphql-ws`` subprotocol (subscriptions-transport-ws) is spoken
+for older clients: ``connection_init``/``start``/``stop``/
+``connection_terminate`` in, ``connection_ack``/``connection_error``/
+``ka``/``data``/``error``/``complete`` out.
+
+Each subscription is one :class:`mycel.Subscriber` of the connector's hub,
+whose context (see :func:`subscriber_context`) holds the
+``connection_init`` payload, so that a ``to`` block's filter is evaluated
+per subscription by the hub. A writer task per subscription sends what the
+hub queued; the ``payload`` part of the message is encoded once per event
+and document and spliced after a per-subscription prefix holding the id.
+
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from typing import TYPE_CHECKING, Any
+
+import mycel
+
+from ._schema import Plan, dumps
+
+if TYPE_CHECKING:
+    from ._settings import GraphqlSettings
+
+__all__ = [
+    "GRAPHQL_TRANSPORT_WS",
+    "GRAPHQL_WS",
+    "Connection",
+    "choose_subprotocol",
+    "subscriber_context",
+]
+
+logger = logging.getLogger("mycel.graphql")
+
+GRAPHQL_TRANSPORT_WS = "graphql-transport-ws"
+GRAPHQL_WS = "graphql-ws"
+
+Send = Callable[[Mapping[str, Any]], Awaitable[None]]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+DROP_TIMEOUT = 5.0
+"""Seconds a dropped slow consumer has to take its close frame."""
+
+_HIDDEN_HEADERS = {
+    "authorization",
+    "cookie",
+    "proxy-authorization",
+    "sec-websocket-key",
+}
+
+
+def choose_subprotocol(offered: list[str]) -> str | None:
+    """The subprotocol to answer with: graphql-transport-ws first."""
+    for protocol in (GRAPHQL_TRANSPORT_WS, GRAPHQL_WS):
+        if protocol in offered:
+            return protocol
+    return None
+
+
+def subscriber_context(
+    connection_params: Mapping[str, Any],
+    headers: Mapping[str, str],
+    field: str,
+    args: Mapping[str, Any],
+) -> dict[str, Any] | None:
+    """The ``context`` a ``to`` filter sees for one subscription.
+
+    ``connection_params`` is the ``connection_init`` payload, ``headers``
+    the handshake's headers (lowercase names, without Authorization and
+    Cookie), ``args`` the subscription field's arguments. Returning None
+    refuses the connection (4403); this is where an ``auth`` block will
+    verify credentials and add claims.
+
+    """
+    return {
+        "connection_params": dict(connection_params),
+        "headers": {k: v for k, v in headers.items() if k not in _HIDDEN_HEADERS},
+        "operation": f"Subscription.{field}",
+        "args": dict(args),
+    }
+
+
+class _Close(Exception):
+    """Close the connection with ``code`` and ``reason``."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Connection:
+    """One WebSocket connection, after the subprotocol was chosen."""
+
+    def __init__(
+        self,
+        server: Any,
+        settings: GraphqlSettings,
+        scope: Mapping[str, Any],
+        receive: Receive,
+        send: Send,
+        protocol: str,
+    ) -> None:
+        self.server = server
+        self.settings = settings
+        self.receive = receive
+        self._send = send
+        self.legacy = protocol == GRAPHQL_WS
+        self.headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1")
+            for k, v in scope.get("headers", ())
+        }
+        self.client = scope.get("client")
+        self.connection_params: dict[str, Any] = {}
+        self.init_received = False
+        self.acknowledged = False
+        self.closed = False
+        self.operations: dict[
+            str, tuple[mycel.Subscriber | None, asyncio.Task[None]]
+        ] = {}
+        self._timers: list[asyncio.Task[None]] = []
+        self.task: asyncio.Task[None] | None = None
+        """The task running :meth:`run`, cancelled to abort a stuck peer."""
+
+    # Sending
+
+    async def send_text(self, text: str) -> None:
+        if self.closed:
+            return
+        try:
+            await self._send({"type": "websocket.send", "text": text})
+        except (OSError, RuntimeError) as exc:
+            # The peer went away while we wrote; the receive loop ends too.
+            logger.debug("send to %s failed: %s", self.client, exc)
+            self.closed = True
+
+    async def send_json(self, message: Mapping[str, Any]) -> None:
+        await self.send_text(dumps(message))
+
+    async def close(self, code: int, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(OSError, RuntimeError):
+            await self._send(
+                {"type": "websocket.close", "code": code, "reason": reason[:120]}
+            )
+
+    # The receive loop
+
+    async def run(self) -> None:
+        """Serve the connection until either side closes it."""
+        self._timers.append(asyncio.create_task(self._init_timeout()))
+        try:
+            while not self.closed:
+                event = await self.receive()
+                kind = event["type"]
+                if kind == "websocket.disconnect":
+                    self.closed = True
+                    break
+                if kind != "websocket.receive":
+                    continue
+                text = event.get("text")
+                if text is None:
+                    data = event.get("bytes") or b""
+                    text = data.decode("utf-8", "replace")
+                try:
+                    await self._handle(text)
+                except _Close as close:
+                    await self.close(close.code, close.reason)
+        finally:
+            self.closed = True
+            self._stop_all()
+
+    def _stop_all(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        for sub, task in self.operations.values():
+            if sub is not None:
+                sub.close("connection closed")
+            task.cancel()
+        self.operations.clear()
+
+    async def _init_timeout(self) -> None:
+        await asyncio.sleep(self.settings.subscriptions.connection_init_timeout)
+        if not self.init_received and not self.closed:
+            await self.close(4408, "Connection initialisation timeout")
+
+    async def _keepalive(self) -> None:
+        interval = self.settings.subscriptions.keepalive
+        text = '{"type":"ka"}' if self.legacy else '{"type":"ping"}'
+        while not self.closed:
+            await asyncio.sleep(interval)
+            await self.send_text(text)
+
+    # Messages
+
+    async def _handle(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except ValueError as exc:
+            if self.legacy:
+                await self.send_json(
+                    {"type": "connection_error", "payload": {"message": str(exc)}}
+                )
+                return
+            raise _Close(4400, f"Invalid message received: {exc}") from exc
+        if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+            if self.legacy:
+                await self.send_json(
+                    {"type": "error", "payload": {"message": "Invalid message type!"}}
+                )
+                return
+            raise _Close(4400, "Invalid message received")
+        if self.legacy:
+            await self._legacy(message)
+        else:
+            await self._transport_ws(message)
+
+    async def _transport_ws(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        if kind == "connection_init":
+            payload = _object_payload(message)
+            if self.init_received:
+                raise _Close(4429, "Too many initialisation requests")
+            self.init_received = True
+            if not self._accept_connection(payload or {}):
+                raise _Close(4403, "Forbidden")
+            self.acknowledged = True
+            await self.send_text('{"type":"connection_ack"}')
+            self._start_keepalive()
+        elif kind == "ping":
+            _object_payload(message)
+            await self.send_text('{"type":"pong"}')
+        elif kind == "pong":
+            _object_payload(message)
+        elif kind == "subscribe":
+            op_id = _message_id(message)
+            payload = message.get("payload")
+            request = _subscribe_payload(payload)
+            if not self.acknowledged:
+                raise _Close(4401, "Unauthorized")
+            if op_id in self.operations:
+                raise _Close(4409, f"Subscriber for {op_id} already exists")
+            await self._subscribe(op_id, *request)
+        elif kind == "complete":
+            op_id = _message_id(message)
+            self._stop(op_id)
+        else:
+            raise _Close(4400, f"Unexpected message of type {kind} received")
+
+    async def _legacy(self, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        op_id = message.get("id")
+        if kind == "connection_init":
+            payload = message.get("payload")
+            self.init_received = True
+            if not isinstance(
+                payload, dict | type(None)
+            ) or not self._accept_connection(payload or {}):
+                await self.send_json(
+                    {"type": "connection_error", "payload": {"message": "Forbidden"}}
+                )
+                raise _Close(1011, "Forbidden")
+            self.acknowledged = True
+            await self.send_text('{"type":"connection_ack"}')
+            if self.settings.subscriptions.keepalive > 0:
+                await self.send_text('{"type":"ka"}')
+            self._start_keepalive()
+        elif kind == "start":
+            if not isinstance(op_id, str | int) or op_id == "":
+                await self._legacy_error(None, "Invalid message: start needs an id")
+                return
+            op_id = str(op_id)
+            if not self.acknowledged:
+                await self._legacy_error(
+                    op_id, "connection not initialised: send connection_init first"
+                )
+                return
+            try:
+                request = _subscribe_payload(message.get("payload"))
+            except _Close as exc:
+                await self._legacy_error(op_id, exc.reason)
+                return
+            # subscriptions-transport-ws replaces an operation with the same id.
+            self._stop(op_id)
+            await self._subscribe(op_id, *request)
+        elif kind == "stop":
+            if op_id is not None:
+                self._stop(str(op_id))
+        elif kind == "connection_terminate":
+            raise _Close(1000, "terminated")
+        else:
+            await self._legacy_error(
+                str(op_id) if op_id is not None else None, "Invalid message type!"
+            )
+
+    async def _legacy_error(self, op_id: str | None, text: str) -> None:
+        message: dict[str, Any] = {"type": "error", "payload": {"message": text}}
+        if op_id is not None:
+            message["id"] = op_id
+        await self.send_json(message)
+
+    def _accept_connection(self, params: dict[str, Any]) -> bool:
+        # The context itself is built per subscription; this only decides.
+        self.connection_params = params
+        return subscriber_context(params, self.headers, "", {}) is not None
+
+    def _start_keepalive(self) -> None:
+        if self.settings.subscriptions.keepalive > 0:
+            self._timers.append(asyncio.create_task(self._keepalive()))
+
+    # Operations
+
+    async def _subscribe(
+        self,
+        op_id: str,
+        query: str,
+        variables: dict[str, Any] | None,
+        operation_name: str | None,
+    ) -> None:
+        plan = self.server.served.plan(query, operation_name, variables)
+        if isinstance(plan, list):
+            await self._send_errors(op_id, plan)
+            return
+        if plan.field is None:
+            # A query or mutation over the socket: one result, then complete.
+            result = plan.execute_once()
+            await self.send_json(self._next(op_id, result))
+            await self.send_json({"id": op_id, "type": "complete"})
+            return
+        context = subscriber_context(
+            self.connection_params, self.headers, plan.field, plan.args
+        )
+        if context is None:
+            raise _Close(4403, "Forbidden")
+        sub = self.server.hub.subscribe(
+            context,
+            (plan.field,),
+            queue_size=self.settings.queue_size,
+            on_close=self._subscriber_closed,
+        )
+        task = asyncio.create_task(self._pump(op_id, plan, sub))
+        self.operations[op_id] = (sub, task)
+
+    def _next(self, op_id: str, payload: Any) -> dict[str, Any]:
+        kind = "data" if self.legacy else "next"
+        return {"id": op_id, "type": kind, "payload": payload}
+
+    async def _send_errors(self, op_id: str, errors: list[dict[str, Any]]) -> None:
+        if self.legacy:
+            await self.send_json(self._next(op_id, {"errors": errors}))
+            await self.send_json({"id": op_id, "type": "complete"})
+        else:
+            await self.send_json({"id": op_id, "type": "error", "payload": errors})
+
+    def _stop(self, op_id: str) -> None:
+        found = self.operations.pop(op_id, None)
+        if found is None:
+            return
+        sub, task = found
+        if sub is not None:
+            sub.close("complete")
+        task.cancel()
+
+    async def _pump(self, op_id: str, plan: Plan, sub: mycel.Subscriber) -> None:
+        """Send what the hub queued for one subscription, in order."""
+        kind = "data" if self.legacy else "next"
+        prefix = '{"id":' + dumps(op_id) + ',"type":"' + kind + '","payload":'
+        send = self._send
+        try:
+            while True:
+                message = await sub.get()
+                text = prefix + plan.payload_json(message.payload, message.cache) + "}"
+                if self.closed:
+                    return
+                try:
+                    await send({"type": "websocket.send", "text": text})
+                except (OSError, RuntimeError):
+                    self.closed = True
+                    return
+        except mycel.SubscriberClosed as exc:
+            await self._ended(op_id, exc.reason)
+
+    def _subscriber_closed(self, sub: mycel.Subscriber, reason: str) -> None:
+        # The hub stopped queueing for this subscription; the writer may be
+        # stuck in a send to a peer that does not read, so drop from here.
+        if reason.startswith("slow consumer") and not self.closed:
+            logger.warning("connection of %s dropped: %s", self.client, reason)
+            self._timers.append(asyncio.create_task(self._drop(reason)))
+
+    async def _drop(self, reason: str) -> None:
+        try:
+            await asyncio.wait_for(self.close(1008, reason), DROP_TIMEOUT)
+        except TimeoutError:
+            # The peer reads nothing, not even our close frame: abort.
+            if self.task is not None:
+                self.task.cancel()
+
+    async def _ended(self, op_id: str, reason: str) -> None:
+        self.operations.pop(op_id, None)
+        if reason.startswith("slow consumer"):
+            pass  # _subscriber_closed closes the connection
+        elif reason == "server shutting down":
+            await self.close(1001, "Going away")
+        elif reason not in ("complete", "connection closed"):
+            await self.send_json({"id": op_id, "type": "complete"})
+
+
+def _object_payload(message: dict[str, Any]) -> dict[str, Any] | None:
+    payload = message.get("payload")
+    if payload is not None and not isinstance(payload, dict):
+        raise _Close(
+            4400,
+            f"\"{message['type']}\" message expects the 'payload' property to be "
+            "an object or nullish or missing",
+        )
+    return payload
+
+
+def _message_id(message: dict[str, Any]) -> str:
+    op_id = message.get("id")
+    if not isinstance(op_id, str) or not op_id:
+        raise _Close(
+            4400,
+            f"\"{message['type']}\" message requires a non-empty 'id' property",
+        )
+    return op_id
+
+
+def _subscribe_payload(
+    payload: Any,
+) -> tuple[str, dict[str, Any] | None, str | None]:
+    if not isinstance(payload, dict):
+        raise _Close(
+            4400, "\"subscribe\" message expects the 'payload' property to be an object"
+        )
+    query = payload.get("query")
+    if not isinstance(query, str):
+        raise _Close(
+            4400,
+            "\"subscribe\" message payload expects the 'query' property to be a string",
+        )
+    variables = payload.get("variables")
+    if variables is not None and not isinstance(variables, dict):
+        raise _Close(
+            4400,
+            "\"subscribe\" message payload expects the 'variables' property to be an object or nullish or missing",
+        )
+    name = payload.get("operationName")
+    if name is not None and not isinstance(name, str):
+        raise _Close(
+            4400,
+            "\"subscribe\" message payload expects the 'operationName' property to be a string or nullish or missing",
+        )
+    return query, variables, name
