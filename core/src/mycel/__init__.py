@@ -8,6 +8,7 @@ is importable from here; modules whose names start with ``_`` are private.
 from __future__ import annotations
 
 from ._asgi import AsgiServer
+from ._cluster import Backplane, ClusterSettings
 from ._config import Config, load_config, load_config_text
 from ._connector import (
     Connector,
@@ -39,6 +40,8 @@ from .hookspecs import hookimpl
 
 __all__ = [
     "AsgiServer",
+    "Backplane",
+    "ClusterSettings",
     "Config",
     "ConfigError",
     "Connector",

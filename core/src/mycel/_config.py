@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError
 
+from ._cluster import ClusterSettings
 from ._connector import Connector, Filter, Operation
 from ._expr import Expression, IndexedEquality, Template
 from ._hcl import Block, read_directory, read_text
@@ -125,9 +126,10 @@ class Config:
     flows: dict[str, FlowConfig] = field(default_factory=dict)
     registry: PluginRegistry = field(default_factory=PluginRegistry)
     base_dir: Path = field(default_factory=Path.cwd)
+    cluster: ClusterSettings | None = None
 
 
-_TOP_LEVEL = ("connector", "flow", "service")
+_TOP_LEVEL = ("cluster", "connector", "flow", "service")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_-]*$")
 
 
@@ -213,6 +215,7 @@ class _Checker:
                 )
 
         config = Config(service=service, registry=self.registry)
+        config.cluster = self.cluster([b for b in blocks if b.type == "cluster"])
         for block in blocks:
             if block.type == "connector":
                 self.connector(block, config)
@@ -220,6 +223,32 @@ class _Checker:
             if block.type == "flow":
                 self.flow(block, config)
         return config
+
+    def cluster(self, blocks: list[Block]) -> ClusterSettings | None:
+        for extra in blocks[1:]:
+            self.problem(
+                extra, extra.line,
+                f"second cluster block (the first is at {blocks[0].file}:"
+                f"{blocks[0].line})",
+                "Merge them into one.",
+            )
+        if not blocks:
+            return None
+        block = blocks[0]
+        checked = self.settings(ClusterSettings, block.to_dict(), block, "cluster")
+        if not isinstance(checked, ClusterSettings):
+            return None
+        scheme = checked.backplane.split("://", 1)[0] if "://" in checked.backplane else ""
+        if scheme not in self.registry.backplanes:
+            known = ", ".join(sorted(self.registry.backplanes)) or "none installed"
+            self.problem(
+                block, block.line_of(("backplane",)),
+                f"cluster: no backplane for {scheme or checked.backplane!r}",
+                "Redis backplanes come with mycel-cluster: pip install mycel-cluster. "
+                f"Known schemes: {known}.",
+            )
+            return None
+        return checked
 
     def label(self, block: Block, seen: dict[str, Block]) -> str | None:
         if len(block.labels) != 1:

@@ -27,6 +27,7 @@ from ._settings import Settings
 from .errors import ConnectorError
 
 if TYPE_CHECKING:
+    from ._cluster import Backplane
     from ._engine import FlowHandle
     from ._expr import Expression, IndexedEquality, Template
     from ._hub import Hub
@@ -144,16 +145,27 @@ class Services:
         compile_template: Callable[[str], Template],
         logger: logging.Logger,
         base_dir: Path | None = None,
+        backplane: Backplane | None = None,
+        worker: int | None = None,
     ) -> None:
         self.name = name
         self.base_dir = base_dir or Path.cwd()
         """The configuration directory: relative paths in settings start here."""
+        self.backplane = backplane
+        """The cluster's shared engine, or None without a cluster block."""
+        self.worker = worker
+        """This process's index under ``mycel run --workers N``, else None."""
         self.metrics = metrics
         self._hub_factory = hub_factory
         self._hub: Hub | None = None
         self.compile_expression = compile_expression
         self.compile_template = compile_template
         self.logger = logger
+
+    @property
+    def reuse_port(self) -> bool:
+        """Listen with SO_REUSEPORT: several workers share each port."""
+        return self.worker is not None
 
     @property
     def hub(self) -> Hub:

@@ -144,7 +144,10 @@ class HttpConnector(Connector):
                 Mount(self._settings.static_path, StaticFiles(directory=folder, html=True))
             )
         self._server = AsgiServer(
-            Starlette(routes=routes), self._settings.host, self._settings.port
+            Starlette(routes=routes),
+            self._settings.host,
+            self._settings.port,
+            reuse_port=self.services.reuse_port,
         )
         await self._server.start()
         logger.info(

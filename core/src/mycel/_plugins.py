@@ -20,6 +20,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from ._cluster import Backplane
 from ._connector import Connector, Operation
 
 __all__ = ["KNOWN_TYPES", "PluginInfo", "PluginRegistry", "load_plugins"]
@@ -48,6 +49,7 @@ class PluginInfo:
     version: str
     connector_types: list[str] = field(default_factory=list)
     functions: list[str] = field(default_factory=list)
+    backplanes: list[str] = field(default_factory=list)
     error: str | None = None
     traceback: str | None = None
 
@@ -67,6 +69,7 @@ class PluginRegistry:
     extra_operations: dict[str, dict[str, list[Operation]]] = field(
         default_factory=dict
     )
+    backplanes: dict[str, type[Backplane]] = field(default_factory=dict)
 
     def failed_plugin_for(self, type_name: str) -> PluginInfo | None:
         """The failed plugin whose distribution would provide ``type_name``."""
@@ -165,12 +168,16 @@ def _collect(
     """Ask one plugin for its types and functions; raise if it misbehaves."""
     types: list[type[Connector]] = []
     functions: dict[str, Callable[..., Any]] = {}
+    backplanes: list[type[Backplane]] = []
     for impl in pm.hook.mycel_connector_types.get_hookimpls():
         if impl.plugin is plugin:
             types += list(impl.function() or ())
     for impl in pm.hook.mycel_expression_functions.get_hookimpls():
         if impl.plugin is plugin:
             functions.update(impl.function() or {})
+    for impl in pm.hook.mycel_backplanes.get_hookimpls():
+        if impl.plugin is plugin:
+            backplanes += list(impl.function() or ())
 
     # Check everything before adding anything, so a failure adds nothing.
     for cls in types:
@@ -186,6 +193,12 @@ def _collect(
     for name in functions:
         if name in registry.functions:
             raise TypeError(f"expression function {name!r} is already provided")
+    for backplane in backplanes:
+        if not (isinstance(backplane, type) and issubclass(backplane, Backplane)):
+            raise TypeError(f"{backplane!r} is not a subclass of mycel.Backplane")
+        for scheme in backplane.schemes:
+            if scheme in registry.backplanes:
+                raise TypeError(f"backplane scheme {scheme!r} is already provided")
 
     for cls in types:
         registry.connector_types[cls.type_name] = cls
@@ -193,6 +206,10 @@ def _collect(
         info.connector_types.append(cls.type_name)
     registry.functions.update(functions)
     info.functions = sorted(functions)
+    for backplane in backplanes:
+        for scheme in backplane.schemes:
+            registry.backplanes[scheme] = backplane
+            info.backplanes.append(scheme)
 
 
 def _record_failure(info: PluginInfo, exc: BaseException) -> None:

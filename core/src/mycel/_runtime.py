@@ -16,12 +16,15 @@ from collections.abc import Callable
 from typing import Any
 
 from ._admin import AdminServer
+from ._cluster import Backplane, ClusteredHub, ToBlock
 from ._config import Config
 from ._connector import Connector, Services, SourceBinding
 from ._engine import FlowHandle, InFlight
 from ._expr import Expression, Template
 from ._hub import Hub
 from ._metrics import Metrics
+from ._settings import redact_url
+from .errors import ConnectorError
 
 __all__ = ["Runtime"]
 
@@ -42,12 +45,21 @@ class Runtime:
         config: Config,
         *,
         hub_factory: Callable[[str, Metrics], Hub] | None = None,
+        worker: int | None = None,
     ) -> None:
         self.config = config
         self.metrics = Metrics()
         self.in_flight = InFlight(self.metrics)
         self.ready = False
-        self._hub_factory = hub_factory or (lambda name, metrics: Hub(name, metrics))
+        self.worker = worker
+        self.backplane: Backplane | None = None
+        cluster = config.cluster
+        if cluster is not None:
+            scheme = cluster.backplane.split("://", 1)[0]
+            self.backplane = config.registry.backplanes[scheme](
+                cluster.backplane, cluster.namespace
+            )
+        self._hub_factory = hub_factory or self._default_hub
         self._hubs: dict[str, Hub] = {}
         self._admin: AdminServer | None = None
         self._started: list[Connector] = []
@@ -64,11 +76,21 @@ class Runtime:
                 compile_template=lambda source: Template(source, functions),
                 logger=logging.getLogger(f"mycel.{spec.type}"),
                 base_dir=config.base_dir,
+                backplane=self.backplane,
+                worker=worker,
             )
             self.connectors[name] = spec.cls(name, spec.settings, services)
 
         # Bind every flow to its source, and tell hubs which filters to index.
         self.flows: dict[str, FlowHandle] = {}
+        self._fan_out_blocks: dict[str, dict[str, ToBlock]] = {}
+        for name, flow in config.flows.items():
+            for index, to in enumerate(flow.to):
+                if to.fan_out:
+                    key = f"{name}#{index}"
+                    self._fan_out_blocks.setdefault(to.connector, {})[key] = ToBlock(
+                        key, name, to.filter, to.options
+                    )
         for name, flow in config.flows.items():
             handle = FlowHandle(flow, self.connectors, self.metrics, self.in_flight)
             self.flows[name] = handle
@@ -83,6 +105,15 @@ class Runtime:
                 if to.fan_out and to.filter is not None and to.filter.indexed:
                     hub = self.connectors[to.connector].services.hub
                     hub.add_index(to.filter.indexed.context_path)
+
+    def _default_hub(self, name: str, metrics: Metrics) -> Hub:
+        if self.backplane is None:
+            return Hub(name, metrics)
+        assert self.config.cluster is not None
+        return ClusteredHub(
+            name, metrics, self.backplane, self._fan_out_blocks.get(name, {}),
+            self.config.cluster.buffer,
+        )
 
     def _hub_for(self, name: str) -> Hub:
         hub = self._hubs.get(name)
@@ -102,11 +133,18 @@ class Runtime:
 
         """
         try:
+            if self.backplane is not None:
+                await self._connect_backplane()
             for name, connector in self.connectors.items():
                 logger.debug("starting connector %r", name)
                 await connector.start()
                 self._started.append(connector)
+            for hub in self._hubs.values():
+                if isinstance(hub, ClusteredHub):
+                    await hub.attach()
             port = self.config.service.admin_port
+            if port is not None and self.worker is not None:
+                port += self.worker
             if port is not None:
                 self._admin = AdminServer(self, self.config.service.admin_host, port)
                 await self._admin.start()
@@ -124,6 +162,17 @@ class Runtime:
             "%s started: %d connectors, %d flows",
             self.config.service.name, len(self.connectors), len(self.flows),
         )
+
+    async def _connect_backplane(self) -> None:
+        assert self.backplane is not None
+        try:
+            await self.backplane.connect()
+        except Exception as exc:  # the engine's client raises assorted types
+            raise ConnectorError(
+                f"cannot reach the cluster backplane {redact_url(self.backplane.url)}: "
+                f"{exc}"
+            ) from exc
+        logger.info("cluster backplane %s connected", redact_url(self.backplane.url))
 
     async def stop(self, timeout: float | None = None) -> bool:
         """Drain and stop; returns False if in-flight events were abandoned."""
@@ -149,6 +198,8 @@ class Runtime:
 
     async def _close_started(self) -> None:
         for hub in self._hubs.values():
+            if isinstance(hub, ClusteredHub):
+                await hub.detach()
             hub.close_all("server shutting down")
         results = await asyncio.gather(
             *(c.close() for c in reversed(self._started)), return_exceptions=True
@@ -158,6 +209,11 @@ class Runtime:
         if self._admin is not None:
             await self._admin.stop()
             self._admin = None
+        if self.backplane is not None:
+            try:
+                await self.backplane.close()
+            except Exception as exc:  # the engine's client raises assorted types
+                logger.warning("closing the cluster backplane failed: %s", exc)
 
     def _log_failures(self, what: str, results: list[Any]) -> None:
         for connector, result in zip(self._started, results, strict=False):

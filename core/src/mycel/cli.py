@@ -23,6 +23,7 @@ from typing import Any
 from ._config import Config, load_config
 from ._plugins import PluginRegistry, load_plugins
 from ._runtime import Runtime
+from ._workers import run_workers, worker_index
 from .errors import ConfigError, MycelError
 
 __all__ = ["main"]
@@ -131,10 +132,8 @@ def _validate(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     config = _load(args.directory)
     if args.workers != 1:
-        from ._workers import run_workers
-
         return run_workers(args, config)
-    return asyncio.run(serve(config))
+    return asyncio.run(serve(config, Runtime(config, worker=worker_index())))
 
 
 async def serve(config: Config, runtime: Runtime | None = None) -> int:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
+    from ._cluster import Backplane
     from ._connector import Connector
 
 __all__ = ["hookimpl", "hookspec"]
@@ -95,5 +96,20 @@ def mycel_expression_functions() -> Mapping[str, Callable[..., Any]]:
     second one.
 
     :return: a mapping from function name to callable (may be empty).
+    """
+    raise NotImplementedError
+
+
+@hookspec
+def mycel_backplanes() -> Sequence[type[Backplane]]:
+    """Return the cluster backplanes this plugin provides.
+
+    Called once per plugin when plugins are loaded. Each item is a subclass
+    of :class:`mycel.Backplane` whose ``schemes`` name the URL schemes it
+    serves; a ``cluster { backplane = "redis://..." }`` block picks the one
+    for its URL's scheme. Two plugins serving the same scheme are a load
+    error of the second one.
+
+    :return: a sequence of backplane classes (may be empty).
     """
     raise NotImplementedError
