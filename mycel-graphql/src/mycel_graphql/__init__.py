@@ -10,13 +10,7 @@ from __future__ import annotations
 
 from ._client import GraphqlClient, subscription_document, websocket_url
 from ._connector import GraphqlConnector
-from ._protocol import (
-    GRAPHQL_TRANSPORT_WS,
-    GRAPHQL_WS,
-    choose_subprotocol,
-    subscriber_context,
-)
-from ._schema import JSON_SCALAR
+from ._protocol import choose_subprotocol, subscriber_context
 from ._server import GraphqlServer
 from ._settings import (
     ClientFromOptions,
@@ -26,9 +20,6 @@ from ._settings import (
 )
 
 __all__ = [
-    "GRAPHQL_TRANSPORT_WS",
-    "GRAPHQL_WS",
-    "JSON_SCALAR",
     "ClientFromOptions",
     "GraphqlClient",
     "GraphqlConnector",
