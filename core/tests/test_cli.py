@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import httpx
-
 from mycel.testing import free_port
 
 MYCEL = [sys.executable, "-m", "mycel"]
@@ -43,7 +42,8 @@ def test_version() -> None:
 def test_validate_good_configuration(tmp_path: Path) -> None:
     result = subprocess.run(
         [*MYCEL, "validate", str(write(tmp_path, config(8080)))],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert result.returncode == 0
     assert result.stdout == "Configuration OK: 2 connectors, 1 flows.\n"
@@ -55,7 +55,9 @@ def test_validate_reports_every_problem_and_exits_2(tmp_path: Path) -> None:
         'connector "bus" {\n  type = "memory"\n  bufer = 1\n}\n'
         'connector "x" { type = "kafka" }\n',
     )
-    result = subprocess.run([*MYCEL, "validate", str(directory)], capture_output=True, text=True)
+    result = subprocess.run(
+        [*MYCEL, "validate", str(directory)], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr == (
@@ -75,7 +77,9 @@ def _installed_types() -> list[str]:
 
 
 def test_plugins_list_json_shows_core() -> None:
-    result = subprocess.run([*MYCEL, "plugins", "list", "--json"], capture_output=True, text=True)
+    result = subprocess.run(
+        [*MYCEL, "plugins", "list", "--json"], capture_output=True, text=True
+    )
     assert result.returncode == 0
     rows = json.loads(result.stdout)
     (core,) = [r for r in rows if r["distribution"] == "mycel"]

@@ -5,9 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from mycel import ConfigError, load_config, load_config_text
-from mycel import _builtin
+from mycel import ConfigError, _builtin, load_config, load_config_text
 from mycel.testing import registry
 
 # Core's own plugin, registered directly: these tests want exactly the
@@ -58,7 +56,11 @@ def test_good_configuration_loads_with_its_values() -> None:
     assert [name for name, _ in flow.transform] == ["id", "label"]
     assert flow.to[0].target is not None
     assert flow.to[0].target.source == "orders.${input.region}"
-    assert (flow.retry.attempts, flow.retry.delay, flow.retry.max_delay) == (5, 0.05, 1.0)
+    assert (flow.retry.attempts, flow.retry.delay, flow.retry.max_delay) == (
+        5,
+        0.05,
+        1.0,
+    )
 
 
 def test_env_with_and_without_default() -> None:
@@ -109,7 +111,9 @@ def test_error_message_counts_and_lists_problems() -> None:
     with pytest.raises(ConfigError) as info:
         load_config_text(
             'connector "a" { type = "x" }\nconnector "b" { type = "y" }\n',
-            REGISTRY, {}, file="app.mycel",
+            REGISTRY,
+            {},
+            file="app.mycel",
         )
     assert str(info.value).splitlines()[0] == "the configuration has 2 problems:"
 
@@ -146,12 +150,16 @@ BROKEN = [
     (
         "syntax error",
         'connector "bus" {\n  type = "memory"\n',
-        ["app.mycel:3: syntax error at column 1. Check for a missing quote, brace or '='."],
+        [
+            "app.mycel:3: syntax error at column 1. Check for a missing quote, brace or '='."
+        ],
     ),
     (
         "unknown setting with suggestion",
         'connector "bus" {\n  type = "memory"\n  bufer = 10\n}\n',
-        ["app.mycel:3: connector 'bus': unknown setting 'bufer'. Did you mean 'buffer'?"],
+        [
+            "app.mycel:3: connector 'bus': unknown setting 'bufer'. Did you mean 'buffer'?"
+        ],
     ),
     (
         "unknown setting without a close name",
@@ -180,7 +188,9 @@ BROKEN = [
     (
         "duplicate attribute",
         'connector "api" {\n  type = "http"\n  port = 1\n  port = 2\n}\n',
-        ["app.mycel:4: duplicate attribute 'port' (first set on line 3). Keep one of them."],
+        [
+            "app.mycel:4: duplicate attribute 'port' (first set on line 3). Keep one of them."
+        ],
     ),
     (
         "duplicate connector name",
@@ -217,7 +227,9 @@ BROKEN = [
     (
         "connector without a name",
         'connector { type = "memory" }\n',
-        ['app.mycel:1: connector block needs exactly one name. Write connector "name" { ... }.'],
+        [
+            'app.mycel:1: connector block needs exactly one name. Write connector "name" { ... }.'
+        ],
     ),
     (
         "unknown top-level block",
@@ -290,7 +302,9 @@ BROKEN = [
         FLOW + 'flow "f" {\n  from { connector = "bus" operation = "a" }\n'
         '  transform {\n    id = "uuid4()"\n  }\n'
         '  to { connector = "bus" target = "b" }\n}\n',
-        ["app.mycel:10: flow 'f' transform 'id': unknown function 'uuid4' in 'uuid4()'."],
+        [
+            "app.mycel:10: flow 'f' transform 'id': unknown function 'uuid4' in 'uuid4()'."
+        ],
     ),
     (
         "template that does not compile",
@@ -387,7 +401,7 @@ BROKEN = [
     ),
     (
         "service with a bad port",
-        'service {\n  admin_port = 70000\n}\n',
+        "service {\n  admin_port = 70000\n}\n",
         [
             "app.mycel:2: service: setting 'admin_port' = 70000: Input should be "
             "less than or equal to 65535."
@@ -404,7 +418,9 @@ BROKEN = [
 @pytest.mark.parametrize(
     ("text", "expected"), [(t, e) for _, t, e in BROKEN], ids=[n for n, _, _ in BROKEN]
 )
-def test_broken_configuration_is_reported_exactly(text: str, expected: list[str]) -> None:
+def test_broken_configuration_is_reported_exactly(
+    text: str, expected: list[str]
+) -> None:
     assert problems(text) == expected
 
 
@@ -413,14 +429,15 @@ def test_there_are_at_least_25_broken_configurations() -> None:
 
 
 def test_all_problems_are_reported_at_once() -> None:
-    text = "".join(t for name, t, _ in BROKEN if "flow" not in name and "syntax" not in name)
+    text = "".join(
+        t for name, t, _ in BROKEN if "flow" not in name and "syntax" not in name
+    )
     assert len(problems(text)) >= 10
 
 
 def test_secret_values_are_not_shown_in_problems() -> None:
-    from pydantic import SecretStr
-
     from mycel import Connector, Settings, hookimpl
+    from pydantic import SecretStr
 
     class VaultSettings(Settings):
         url: str

@@ -6,7 +6,6 @@ import asyncio
 from typing import Any
 
 import pytest
-
 from mycel import (
     Connector,
     Delivery,
@@ -46,7 +45,9 @@ class Recorder(Connector):
         settings = self.settings
         assert isinstance(settings, RecorderSettings)
         if self.attempts <= settings.fail_times:
-            raise DeliveryError(f"refused try {self.attempts}", permanent=settings.permanent)
+            raise DeliveryError(
+                f"refused try {self.attempts}", permanent=settings.permanent
+            )
         self.deliveries.append(delivery)
 
 
@@ -100,7 +101,9 @@ async def test_transform_fields_see_earlier_output() -> None:
 
 
 async def test_without_transform_the_input_is_delivered() -> None:
-    text = config('from { connector = "bus" operation = "t" }\nto { connector = "rec" }')
+    text = config(
+        'from { connector = "bus" operation = "t" }\nto { connector = "rec" }'
+    )
     async with running(text, plugins=PLUGINS) as app:
         await process(app, {"a": 1})
         assert app.connector("rec").deliveries[0].payload == {"a": 1}
@@ -143,7 +146,10 @@ async def test_operation_and_target_templates_render_per_event() -> None:
 
 
 async def test_retry_until_success() -> None:
-    text = config('from { connector = "bus" operation = "t" }\nto { connector = "rec" }', "fail_times = 2")
+    text = config(
+        'from { connector = "bus" operation = "t" }\nto { connector = "rec" }',
+        "fail_times = 2",
+    )
     async with running(text, plugins=PLUGINS) as app:
         await process(app, {"n": 1})
         assert app.connector("rec").attempts == 3
@@ -151,11 +157,16 @@ async def test_retry_until_success() -> None:
 
 
 async def test_gives_up_after_the_last_try() -> None:
-    text = config('from { connector = "bus" operation = "t" }\nto { connector = "rec" }', "fail_times = 10")
+    text = config(
+        'from { connector = "bus" operation = "t" }\nto { connector = "rec" }',
+        "fail_times = 10",
+    )
     async with running(text, plugins=PLUGINS) as app:
         with pytest.raises(FlowError) as info:
             await process(app, {"n": 1})
-        assert str(info.value) == "flow 'f': to 'rec' failed after 3 tries: refused try 3"
+        assert (
+            str(info.value) == "flow 'f': to 'rec' failed after 3 tries: refused try 3"
+        )
         assert info.value.permanent is False
         failed = app.runtime.metrics.registry.get_sample_value(
             "mycel_events_failed_total", {"flow": "f"}
@@ -209,26 +220,34 @@ async def test_transform_error_fails_permanently() -> None:
 
 
 async def test_events_in_and_out_are_counted() -> None:
-    text = config('from { connector = "bus" operation = "t" }\nto { connector = "rec" }')
+    text = config(
+        'from { connector = "bus" operation = "t" }\nto { connector = "rec" }'
+    )
     async with running(text, plugins=PLUGINS) as app:
         for i in range(3):
             await process(app, {"n": i})
         registry = app.runtime.metrics.registry
         assert registry.get_sample_value("mycel_events_in_total", {"flow": "f"}) == 3
         assert (
-            registry.get_sample_value("mycel_events_out_total", {"flow": "f", "connector": "rec"})
+            registry.get_sample_value(
+                "mycel_events_out_total", {"flow": "f", "connector": "rec"}
+            )
             == 3
         )
 
 
 async def test_memory_source_runs_the_flow() -> None:
-    text = config('from { connector = "bus" operation = "orders.#" }\nto { connector = "rec" }')
+    text = config(
+        'from { connector = "bus" operation = "orders.#" }\nto { connector = "rec" }'
+    )
     async with running(text, plugins=PLUGINS) as app:
         await app.publish("bus", "orders.created.eu", {"id": 1})
         await app.publish("bus", "payments.x", {"id": 2})
         await app.memory("bus").drain()
         assert [d.payload for d in app.connector("rec").deliveries] == [{"id": 1}]
-        assert app.connector("rec").deliveries[0].context == {"topic": "orders.created.eu"}
+        assert app.connector("rec").deliveries[0].context == {
+            "topic": "orders.created.eu"
+        }
 
 
 async def test_shutdown_waits_for_in_flight_events() -> None:
@@ -254,8 +273,8 @@ async def test_shutdown_waits_for_in_flight_events() -> None:
       to { connector = "slow" }
     }
     """
-    from mycel.testing import load_test_config
     from mycel import Runtime
+    from mycel.testing import load_test_config
 
     runtime = Runtime(load_test_config(text, plugins=[_builtin, SlowPlugin()]))
     await runtime.start()

@@ -5,7 +5,6 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
-
 from mycel import Expression, ExpressionError, Template, as_text
 from mycel._expr import IndexedEquality, rewrite_text_equality
 
@@ -16,7 +15,10 @@ from mycel._expr import IndexedEquality, rewrite_text_equality
 )
 def test_params_compare_by_text(event_value: object, expected: bool) -> None:
     expression = Expression("input.user_id == context.params.user_id")
-    variables = {"input": {"user_id": event_value}, "context": {"params": {"user_id": "123"}}}
+    variables = {
+        "input": {"user_id": event_value},
+        "context": {"params": {"user_id": "123"}},
+    }
     assert expression.evaluate(variables) is expected
 
 
@@ -60,9 +62,15 @@ def test_missing_field_raises_expression_error() -> None:
     ("source", "message"),
     [
         ("", "an expression must be a non-empty string"),
-        ("input.", "cannot compile 'input.': Syntax error: no viable alternative at input '.' at column 7"),
+        (
+            "input.",
+            "cannot compile 'input.': Syntax error: no viable alternative at input '.' at column 7",
+        ),
         ("now()", "unknown function 'now' in 'now()'"),
-        ("request.id", "unknown name 'request' in 'request.id'; use input, output or context"),
+        (
+            "request.id",
+            "unknown name 'request' in 'request.id'; use input, output or context",
+        ),
     ],
 )
 def test_compile_errors(source: str, message: str) -> None:
@@ -84,7 +92,9 @@ def test_macros_bind_their_variables() -> None:
 def test_template_renders_parts_as_text() -> None:
     template = Template("room:${input.channel_id}-${input.flag}")
     assert template.constant is None
-    assert template.render({"input": {"channel_id": 42, "flag": True}}) == "room:42-true"
+    assert (
+        template.render({"input": {"channel_id": 42, "flag": True}}) == "room:42-true"
+    )
 
 
 def test_constant_template() -> None:
@@ -118,30 +128,53 @@ def test_unclosed_template() -> None:
 @pytest.mark.parametrize(
     ("source", "found"),
     [
-        ("input.user_id == context.params.user_id", ("input", ("user_id",), ("params", "user_id"))),
-        ("context.connection_params.userId == input.user_id", ("input", ("user_id",), ("connection_params", "userId"))),
-        ("output.owner.id == context.user.sub", ("output", ("owner", "id"), ("user", "sub"))),
+        (
+            "input.user_id == context.params.user_id",
+            ("input", ("user_id",), ("params", "user_id")),
+        ),
+        (
+            "context.connection_params.userId == input.user_id",
+            ("input", ("user_id",), ("connection_params", "userId")),
+        ),
+        (
+            "output.owner.id == context.user.sub",
+            ("output", ("owner", "id"), ("user", "sub")),
+        ),
         ("input.a == context.params.a && input.b == 1", None),
         ("input.a == 1", None),
         ("input.a != context.params.a", None),
         ("input.a == context.x", None),
     ],
 )
-def test_indexable_filters_are_detected(source: str, found: tuple[object, ...] | None) -> None:
+def test_indexable_filters_are_detected(
+    source: str, found: tuple[object, ...] | None
+) -> None:
     detected = IndexedEquality.detect(source)
     if found is None:
         assert detected is None
     else:
         assert detected is not None
-        assert (detected.event_root, detected.event_path, detected.context_path) == found
+        assert (
+            detected.event_root,
+            detected.event_path,
+            detected.context_path,
+        ) == found
 
 
 @pytest.mark.parametrize(
     ("value", "text"),
     [
-        ("x", "x"), (True, "true"), (False, "false"), (7, "7"), (7.0, "7"),
-        (7.5, "7.5"), (Decimal("7.00"), "7"), (Decimal("7.50"), "7.5"),
-        (None, None), ([1], None), ({"a": 1}, None),
+        ("x", "x"),
+        (True, "true"),
+        (False, "false"),
+        (7, "7"),
+        (7.0, "7"),
+        (7.5, "7.5"),
+        (Decimal("7.00"), "7"),
+        (Decimal("7.50"), "7.5"),
+        (None, None),
+        ([1], None),
+        ({"a": 1}, None),
     ],
 )
 def test_as_text(value: object, text: str | None) -> None:

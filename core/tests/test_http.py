@@ -7,7 +7,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
-
 from mycel import _builtin
 from mycel.testing import free_port, running
 
@@ -42,9 +41,14 @@ async def test_post_json_is_accepted_and_reaches_the_flow(tmp_path: Path) -> Non
     async with running(text, plugins=[_builtin]) as app:
         queue = app.listen("bus", "orders.*")
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-            response = await client.post("/orders?src=web", json={"region": "eu", "id": 1})
+            response = await client.post(
+                "/orders?src=web", json={"region": "eu", "id": 1}
+            )
         assert (response.status_code, response.json()) == (202, {"status": "accepted"})
-        assert await asyncio.wait_for(queue.get(), 1) == ("orders.eu", {"region": "eu", "id": 1})
+        assert await asyncio.wait_for(queue.get(), 1) == (
+            "orders.eu",
+            {"region": "eu", "id": 1},
+        )
 
 
 async def test_bad_json_gets_400_with_the_reason(tmp_path: Path) -> None:
@@ -64,6 +68,7 @@ async def test_oversized_body_gets_413(tmp_path: Path) -> None:
     async with running(text, plugins=[_builtin]):
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
             response = await client.post("/orders", json={"pad": "x" * 100})
+
             async def chunks() -> AsyncIterator[bytes]:
                 for _ in range(3):
                     yield b"x" * 40
@@ -106,4 +111,6 @@ async def test_admin_endpoint_health_ready_metrics(tmp_path: Path) -> None:
         assert health.json() == {"status": "ok", "service": "mycel"}
         assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
         assert 'mycel_events_in_total{flow="accept"} 1.0' in metrics.text
-        assert 'mycel_events_out_total{connector="bus",flow="accept"} 1.0' in metrics.text
+        assert (
+            'mycel_events_out_total{connector="bus",flow="accept"} 1.0' in metrics.text
+        )

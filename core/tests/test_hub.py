@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from mycel import Expression, Filter, Hub, Message, SubscriberClosed
 from mycel._expr import IndexedEquality
 from mycel._metrics import Metrics
@@ -172,10 +171,14 @@ def test_subscriber_gauge_and_queue_depth() -> None:
     a = hub.subscribe({}, ["t"])
     hub.subscribe({}, ["t"])
     hub.publish("t", Message("t", {}, 1))
-    assert metrics.registry.get_sample_value("mycel_subscribers", {"connector": "ws"}) == 2
+    assert (
+        metrics.registry.get_sample_value("mycel_subscribers", {"connector": "ws"}) == 2
+    )
     assert hub.queue_depth() == 2
     a.close()
-    assert metrics.registry.get_sample_value("mycel_subscribers", {"connector": "ws"}) == 1
+    assert (
+        metrics.registry.get_sample_value("mycel_subscribers", {"connector": "ws"}) == 1
+    )
 
 
 def test_one_message_object_is_shared_by_all_subscribers() -> None:

@@ -6,8 +6,14 @@ import logging
 from collections.abc import Sequence
 
 import pytest
-
-from mycel import ConfigError, Connector, Operation, _builtin, hookimpl, load_config_text
+from mycel import (
+    ConfigError,
+    Connector,
+    Operation,
+    _builtin,
+    hookimpl,
+    load_config_text,
+)
 from mycel._plugins import load_plugins
 
 
@@ -52,7 +58,9 @@ class DuplicatePlugin:
 
 class ExtraOperations:
     @hookimpl
-    def mycel_connector_operations(self, type_name: str) -> dict[str, list[Operation]] | None:
+    def mycel_connector_operations(
+        self, type_name: str
+    ) -> dict[str, list[Operation]] | None:
         if type_name == "good":
             return {"source": [Operation("tock", "a tock")]}
         return None
@@ -67,10 +75,16 @@ def test_good_plugin_provides_types_and_functions() -> None:
     assert registry.connector_types["good"] is Good
     assert registry.functions["double"](2) == 4
     (info,) = [p for p in registry.plugins if p.name == "good"]
-    assert (info.status, info.connector_types, info.functions) == ("ok", ["good"], ["double"])
+    assert (info.status, info.connector_types, info.functions) == (
+        "ok",
+        ["good"],
+        ["double"],
+    )
 
 
-def test_broken_plugin_is_recorded_with_its_error(caplog: pytest.LogCaptureFixture) -> None:
+def test_broken_plugin_is_recorded_with_its_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     with caplog.at_level(logging.ERROR, logger="mycel.plugins"):
         registry = load(("broken", BrokenPlugin()), ("good", GoodPlugin()))
     (info,) = [p for p in registry.plugins if p.name == "broken"]
@@ -92,13 +106,17 @@ def test_misspelled_hook_fails_that_plugin_at_load_time() -> None:
 def test_plugin_returning_a_non_connector_fails() -> None:
     registry = load(("bad", NotAConnectorPlugin()))
     (info,) = [p for p in registry.plugins if p.name == "bad"]
-    assert info.error == "TypeError: <class 'object'> is not a subclass of mycel.Connector"
+    assert (
+        info.error == "TypeError: <class 'object'> is not a subclass of mycel.Connector"
+    )
 
 
 def test_second_plugin_with_the_same_type_fails() -> None:
     registry = load(("good", GoodPlugin()), ("dup", DuplicatePlugin()))
     (info,) = [p for p in registry.plugins if p.name == "dup"]
-    assert info.error == "TypeError: connector type 'good' is already provided by 'good'"
+    assert (
+        info.error == "TypeError: connector type 'good' is already provided by 'good'"
+    )
     assert registry.type_plugin["good"].name == "good"
 
 
@@ -119,9 +137,13 @@ def test_configuration_using_a_failed_known_plugin_names_the_failure() -> None:
         def mycel_connector_types(self) -> Sequence[type[Connector]]:
             raise RuntimeError("websockets too old")
 
-    registry = load_plugins([("builtin", _builtin), ("mycel-ws", FailedWs())], entry_point_group=None)
+    registry = load_plugins(
+        [("builtin", _builtin), ("mycel-ws", FailedWs())], entry_point_group=None
+    )
     with pytest.raises(ConfigError) as info:
-        load_config_text('connector "ws" { type = "websocket" }\n', registry, {}, file="a.mycel")
+        load_config_text(
+            'connector "ws" { type = "websocket" }\n', registry, {}, file="a.mycel"
+        )
     assert [str(p) for p in info.value.problems] == [
         "a.mycel:1: connector 'ws': unknown connector type 'websocket'. The plugin "
         "'mycel-ws' that provides it failed to load: RuntimeError: websockets too old. "

@@ -9,7 +9,6 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
-
 from mycel import (
     Connector,
     ConnectorError,
@@ -23,6 +22,7 @@ from mycel import (
 )
 from mycel.testing import load_test_config
 from mycel_cluster import RedisBackplane
+
 from testsupport.base import port_open, service_unavailable
 
 REDIS = "redis://127.0.0.1:6379/0"
@@ -44,8 +44,11 @@ class Fan(Connector):
     async def deliver(self, delivery: Delivery) -> None:
         topic = delivery.operation.removeprefix("topic:")
         message = Message(
-            topic, delivery.input, delivery.payload,
-            flow=delivery.flow, options=delivery.options,
+            topic,
+            delivery.input,
+            delivery.payload,
+            flow=delivery.flow,
+            options=delivery.options,
         )
         self.services.hub.publish(topic, message, delivery.filter)
 
@@ -92,7 +95,9 @@ async def two_nodes() -> AsyncIterator[tuple[Runtime, Runtime]]:
 
 
 def subscribe(node: Runtime, user: str, room: str = "r") -> Subscriber:
-    return node.connectors["fan"].services.hub.subscribe({"params": {"user_id": user}}, [room])
+    return node.connectors["fan"].services.hub.subscribe(
+        {"params": {"user_id": user}}, [room]
+    )
 
 
 async def receive(sub: Subscriber) -> Any:
@@ -120,7 +125,9 @@ async def test_each_node_delivers_to_its_own_subscribers_once(
     assert on_a.depth == 0 and on_b.depth == 0
 
 
-async def test_exact_decimals_cross_the_backplane(two_nodes: tuple[Runtime, Runtime]) -> None:
+async def test_exact_decimals_cross_the_backplane(
+    two_nodes: tuple[Runtime, Runtime],
+) -> None:
     a, b = two_nodes
     sub = subscribe(b, "1")
     await a.connectors["bus"].publish(  # type: ignore[attr-defined]
@@ -135,7 +142,10 @@ async def test_history_reads_after_an_id_and_signals_a_gap() -> None:
     backplane = RedisBackplane(REDIS, f"test-{uuid.uuid4().hex[:8]}")
     await backplane.connect()
     try:
-        ids = [await backplane.history_append("s", f"e{i}".encode(), 3, 60) for i in range(5)]
+        ids = [
+            await backplane.history_append("s", f"e{i}".encode(), 3, 60)
+            for i in range(5)
+        ]
         assert await backplane.history_since("s", ids[2]) == [
             (ids[3], b"e3"),
             (ids[4], b"e4"),
@@ -144,7 +154,9 @@ async def test_history_reads_after_an_id_and_signals_a_gap() -> None:
         # Three are kept: a client that saw e1 missed nothing, one that saw
         # e0 missed e1, which is gone.
         assert await backplane.history_since("s", ids[1]) == [
-            (ids[2], b"e2"), (ids[3], b"e3"), (ids[4], b"e4"),
+            (ids[2], b"e2"),
+            (ids[3], b"e3"),
+            (ids[4], b"e4"),
         ]
         assert await backplane.history_since("s", ids[0]) is None
         assert await backplane.history_since("never-written", "0-0") == []

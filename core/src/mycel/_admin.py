@@ -29,7 +29,9 @@ class AdminServer:
         self.runtime = runtime
 
         async def health(request: Request) -> Response:
-            return JSONResponse({"status": "ok", "service": runtime.config.service.name})
+            return JSONResponse(
+                {"status": "ok", "service": runtime.config.service.name}
+            )
 
         async def ready(request: Request) -> Response:
             if runtime.ready:

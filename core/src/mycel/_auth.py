@@ -46,7 +46,7 @@ from cel.stdlib import EXTENSIONS as _CEL_EXTENSIONS
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509 import load_pem_x509_certificate
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
 from ._expr import _compile_message
 from ._settings import Duration, Settings
@@ -134,7 +134,7 @@ class JwtSettings(Settings):
     """RSA, EC or Ed25519 public key: PEM text, or the path of a PEM file
     (public key or certificate), relative to the configuration directory."""
 
-    jwks_file: str | None = None
+    jwks_file: str | None = Field(default=None, validate_default=True)
     """Path of a JSON Web Key Set file (``{"keys": [...]}``) of public keys,
     relative to the configuration directory; a token picks its key by
     ``kid``."""
@@ -146,7 +146,7 @@ class JwtSettings(Settings):
     issuer: str | None = None
     """Required ``iss`` value; when set, a token must carry exactly it."""
 
-    algorithms: list[str] | None = None
+    algorithms: list[str] | None = Field(default=None, validate_default=True)
     """Accepted signing algorithms. Unset: ``HS256`` with a secret, and the
     algorithm a public key's type implies (``RS256`` for RSA, ``ES256`` for
     P-256, ``EdDSA`` for Ed25519, a JWK's own ``alg``). ``none`` is never
@@ -160,41 +160,16 @@ class JwtSettings(Settings):
     """Claims a token must carry. ``exp`` makes every connection end;
     ``sub`` is who the user is (``context.user.sub``)."""
 
-    @field_validator("algorithms")
-    @classmethod
-    def _check_algorithms(cls, algorithms: list[str] | None) -> list[str] | None:
-        if algorithms is None:
-            return None
-        if not algorithms:
-            raise ValueError(
-                "algorithms cannot be empty; leave it unset for the default"
-            )
-        for name in algorithms:
-            if name.lower() == "none":
-                raise ValueError(
-                    "algorithm 'none' is never allowed: it accepts unsigned tokens"
-                )
-            if name not in _KNOWN:
-                raise ValueError(
-                    f"unknown algorithm {name!r}; use one of {', '.join(_KNOWN)}"
-                )
-        return algorithms
+    # The checks across fields are field validators, not a model validator:
+    # a model validator's error would show the whole block, secret included.
 
-    @model_validator(mode="before")
+    @field_validator("jwks_file")
     @classmethod
-    def _mask_secret(cls, data: Any) -> Any:
-        # An error about the whole block shows its input: mask the secret
-        # in it before any check can fail.
-        if isinstance(data, Mapping) and isinstance(data.get("secret"), str):
-            data = {**data, "secret": SecretStr(data["secret"])}
-        return data
-
-    @model_validator(mode="after")
-    def _check_key(self) -> JwtSettings:
+    def _check_one_key(cls, jwks_file: str | None, info: ValidationInfo) -> str | None:
         given = [
             name
-            for name in ("secret", "public_key", "jwks_file")
-            if getattr(self, name) is not None
+            for name, value in (*info.data.items(), ("jwks_file", jwks_file))
+            if name in ("secret", "public_key", "jwks_file") and value is not None
         ]
         if not given:
             raise ValueError("jwt needs one of secret, public_key or jwks_file")
@@ -203,30 +178,52 @@ class JwtSettings(Settings):
                 "jwt takes only one of secret, public_key or jwks_file, "
                 f"not {' and '.join(given)}"
             )
-        if self.secret is not None:
-            self._check_secret(self.secret)
-        else:
-            for name in self.algorithms or ():
+        return jwks_file
+
+    @field_validator("algorithms")
+    @classmethod
+    def _check_algorithms(
+        cls, algorithms: list[str] | None, info: ValidationInfo
+    ) -> list[str] | None:
+        if algorithms is not None and not algorithms:
+            raise ValueError(
+                "algorithms cannot be empty; leave it unset for the default"
+            )
+        for name in algorithms or ():
+            if name.lower() == "none":
+                raise ValueError(
+                    "algorithm 'none' is never allowed: it accepts unsigned tokens"
+                )
+            if name not in _KNOWN:
+                raise ValueError(
+                    f"unknown algorithm {name!r}; use one of {', '.join(_KNOWN)}"
+                )
+        secret = info.data.get("secret")
+        if isinstance(secret, SecretStr):
+            _check_secret(secret, algorithms or ["HS256"])
+        elif info.data.get("public_key") or info.data.get("jwks_file"):
+            for name in algorithms or ():
                 if name in _HMAC:
                     raise ValueError(
                         f"algorithm {name!r} needs a secret, not a public key: "
                         "a public key used as an HMAC secret lets anyone forge "
                         "tokens"
                     )
-        return self
+        return algorithms
 
-    def _check_secret(self, secret: SecretStr) -> None:
-        length = len(secret.get_secret_value().encode())
-        for name in self.algorithms or ["HS256"]:
-            if name not in _HMAC:
-                raise ValueError(
-                    f"algorithm {name!r} needs public_key or jwks_file, not a secret"
-                )
-            if length < _HMAC[name]:
-                raise ValueError(
-                    f"secret is {length} bytes; {name} needs at least "
-                    f"{_HMAC[name]} (RFC 7518 section 3.2)"
-                )
+
+def _check_secret(secret: SecretStr, algorithms: list[str]) -> None:
+    length = len(secret.get_secret_value().encode())
+    for name in algorithms:
+        if name not in _HMAC:
+            raise ValueError(
+                f"algorithm {name!r} needs public_key or jwks_file, not a secret"
+            )
+        if length < _HMAC[name]:
+            raise ValueError(
+                f"secret is {length} bytes; {name} needs at least "
+                f"{_HMAC[name]} (RFC 7518 section 3.2)"
+            )
 
 
 class AuthSettings(Settings):

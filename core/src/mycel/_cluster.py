@@ -249,7 +249,9 @@ class ClusteredHub(Hub):
                 except Exception as exc:  # the engine's client raises assorted types
                     logger.warning(
                         "hub %r: backplane publish failed, retrying in %.1fs: %s",
-                        self.name, delay, exc,
+                        self.name,
+                        delay,
+                        exc,
                     )
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, 30.0)
@@ -263,10 +265,15 @@ class ClusteredHub(Hub):
             record = decode(data)
             block = self._blocks[record["k"]]
         except (ValueError, KeyError, TypeError) as exc:
-            logger.warning("hub %r: ignored a message it cannot read: %s", self.name, exc)
+            logger.warning(
+                "hub %r: ignored a message it cannot read: %s", self.name, exc
+            )
             return
         message = Message(
-            record["t"], record["i"], record["p"], flow=block.flow, options=block.options
+            record["t"],
+            record["i"],
+            record["p"],
+            flow=block.flow,
+            options=block.options,
         )
         super().publish(record["t"], message, block.filter)
-

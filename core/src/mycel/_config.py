@@ -10,6 +10,7 @@ its file and line. Nothing has started at that point.
 
 from __future__ import annotations
 
+import builtins
 import difflib
 import re
 from collections.abc import Mapping, Sequence
@@ -78,7 +79,7 @@ class _FlowSettings(Settings):
 class ConnectorConfig:
     name: str
     type: str
-    cls: type[Connector]
+    cls: builtins.type[Connector]
     settings: Settings
     file: str
     line: int
@@ -142,6 +143,9 @@ class _Checker:
     def __init__(self, registry: PluginRegistry) -> None:
         self.registry = registry
         self.problems: list[Problem] = []
+        self.broken_connectors: set[str] = set()
+        self.connectors_seen: dict[str, Block] = {}
+        self.flows_seen: dict[str, Block] = {}
 
     def problem(self, where: Block, line: int, message: str, hint: str = "") -> None:
         self.problems.append(Problem(where.file, line, message, hint))
@@ -179,14 +183,16 @@ class _Checker:
             self.problem(block, line, f"{what}: unknown setting {name!r}", hint)
         elif kind == "missing":
             self.problem(
-                block, line, f"{what}: missing required setting {name!r}",
+                block,
+                line,
+                f"{what}: missing required setting {name!r}",
                 f"Add {loc[-1]} = ... to the block.",
             )
         else:
             value = shown_value(str(loc[-1]), error.get("input"))
             message = error["msg"]
             if message.startswith("Value error, "):
-                message = message[len("Value error, "):]
+                message = message[len("Value error, ") :]
             self.problem(
                 block, line, f"{what}: setting {name!r} = {value!r}: {message}"
             )
@@ -198,18 +204,23 @@ class _Checker:
         services = [b for b in blocks if b.type == "service"]
         for extra in services[1:]:
             self.problem(
-                extra, extra.line,
+                extra,
+                extra.line,
                 f"second service block (the first is at {services[0].file}:"
                 f"{services[0].line})",
                 "Merge them into one.",
             )
         if services:
-            checked = self.settings(ServiceSettings, services[0].to_dict(), services[0], "service")
+            checked = self.settings(
+                ServiceSettings, services[0].to_dict(), services[0], "service"
+            )
             service = checked if isinstance(checked, ServiceSettings) else service
         for block in blocks:
             if block.type not in _TOP_LEVEL:
                 self.problem(
-                    block, block.line, f"unknown block type {block.type!r}",
+                    block,
+                    block.line,
+                    f"unknown block type {block.type!r}",
                     _suggest(block.type, _TOP_LEVEL)
                     or "Mycel knows connector, flow and service blocks.",
                 )
@@ -227,7 +238,8 @@ class _Checker:
     def cluster(self, blocks: list[Block]) -> ClusterSettings | None:
         for extra in blocks[1:]:
             self.problem(
-                extra, extra.line,
+                extra,
+                extra.line,
                 f"second cluster block (the first is at {blocks[0].file}:"
                 f"{blocks[0].line})",
                 "Merge them into one.",
@@ -238,11 +250,14 @@ class _Checker:
         checked = self.settings(ClusterSettings, block.to_dict(), block, "cluster")
         if not isinstance(checked, ClusterSettings):
             return None
-        scheme = checked.backplane.split("://", 1)[0] if "://" in checked.backplane else ""
+        scheme = (
+            checked.backplane.split("://", 1)[0] if "://" in checked.backplane else ""
+        )
         if scheme not in self.registry.backplanes:
             known = ", ".join(sorted(self.registry.backplanes)) or "none installed"
             self.problem(
-                block, block.line_of(("backplane",)),
+                block,
+                block.line_of(("backplane",)),
                 f"cluster: no backplane for {scheme or checked.backplane!r}",
                 "Redis backplanes come with mycel-cluster: pip install mycel-cluster. "
                 f"Known schemes: {known}.",
@@ -253,7 +268,8 @@ class _Checker:
     def label(self, block: Block, seen: dict[str, Block]) -> str | None:
         if len(block.labels) != 1:
             self.problem(
-                block, block.line,
+                block,
+                block.line,
                 f"{block.type} block needs exactly one name",
                 f'Write {block.type} "name" {{ ... }}.',
             )
@@ -261,14 +277,17 @@ class _Checker:
         name = block.labels[0]
         if not _NAME.match(name):
             self.problem(
-                block, block.line, f"{block.type} name {name!r} is not valid",
+                block,
+                block.line,
+                f"{block.type} name {name!r} is not valid",
                 "Use letters, digits, '_' and '-', starting with a letter.",
             )
             return None
         if name in seen:
             first = seen[name]
             self.problem(
-                block, block.line,
+                block,
+                block.line,
                 f"duplicate {block.type} name {name!r} (first defined at "
                 f"{first.file}:{first.line})",
                 "Rename one of them.",
@@ -280,9 +299,7 @@ class _Checker:
     # Connectors
 
     def connector(self, block: Block, config: Config) -> None:
-        seen = getattr(self, "_connectors_seen", {})
-        self._connectors_seen = seen
-        name = self.label(block, seen)
+        name = self.label(block, self.connectors_seen)
         if name is None:
             return
         what = f"connector {name!r}"
@@ -291,7 +308,9 @@ class _Checker:
             return
         if type_attr is None or not isinstance(type_attr.value, str):
             self.problem(
-                block, block.line, f"{what} has no type",
+                block,
+                block.line,
+                f"{what} has no type",
                 'Add type = "..." (for example type = "memory").',
             )
             return
@@ -299,7 +318,8 @@ class _Checker:
         cls = self.registry.connector_types.get(type_name)
         if cls is None:
             self.problem(
-                block, type_attr.line,
+                block,
+                type_attr.line,
                 f"{what}: unknown connector type {type_name!r}",
                 self.unknown_type_hint(type_name),
             )
@@ -311,9 +331,8 @@ class _Checker:
                 name, type_name, cls, settings, block.file, block.line
             )
         else:
-            # Keep a placeholder so flows are still checked against it.
-            self._broken_connectors = getattr(self, "_broken_connectors", set())
-            self._broken_connectors.add(name)
+            # Flows naming it are not told it is missing: it is broken.
+            self.broken_connectors.add(name)
 
     def unknown_type_hint(self, type_name: str) -> str:
         failed = self.registry.failed_plugin_for(type_name)
@@ -333,9 +352,7 @@ class _Checker:
     # Flows
 
     def flow(self, block: Block, config: Config) -> None:
-        seen = getattr(self, "_flows_seen", {})
-        self._flows_seen = seen
-        name = self.label(block, seen)
+        name = self.label(block, self.flows_seen)
         if name is None:
             return
         what = f"flow {name!r}"
@@ -347,17 +364,23 @@ class _Checker:
         )
         retry = RetrySettings()
         if len(retry_blocks) > 1:
-            self.problem(block, retry_blocks[1].line, f"{what}: more than one retry block")
+            self.problem(
+                block, retry_blocks[1].line, f"{what}: more than one retry block"
+            )
         if retry_blocks:
             checked = self.settings(
-                RetrySettings, retry_blocks[0].to_dict(), retry_blocks[0],
+                RetrySettings,
+                retry_blocks[0].to_dict(),
+                retry_blocks[0],
                 f"{what} retry",
             )
             retry = checked if isinstance(checked, RetrySettings) else retry
         for child in block.blocks:
             if child.type not in ("from", "to", "transform", "retry"):
                 self.problem(
-                    child, child.line, f"{what}: unknown block {child.type!r}",
+                    child,
+                    child.line,
+                    f"{what}: unknown block {child.type!r}",
                     _suggest(child.type, ("from", "to", "transform", "retry"))
                     or "A flow has from, transform, to and retry blocks.",
                 )
@@ -373,7 +396,9 @@ class _Checker:
         transforms = block.blocks_of("transform")
         if len(transforms) > 1:
             self.problem(
-                block, transforms[1].line, f"{what}: more than one transform block",
+                block,
+                transforms[1].line,
+                f"{what}: more than one transform block",
                 "Put all fields in one transform block.",
             )
         transform: list[tuple[str, Expression]] = []
@@ -382,14 +407,22 @@ class _Checker:
 
         targets = block.blocks_of("to")
         if not targets:
-            self.problem(block, block.line, f"{what} has no to block", "Add at least one.")
+            self.problem(
+                block, block.line, f"{what} has no to block", "Add at least one."
+            )
         tos = [t for t in (self.target(t, config, what) for t in targets) if t]
 
         if source is not None and settings is not None and len(tos) == len(targets):
             assert isinstance(settings, _FlowSettings)
             config.flows[name] = FlowConfig(
-                name, source, transform, tos, retry, settings.concurrency,
-                block.file, block.line,
+                name,
+                source,
+                transform,
+                tos,
+                retry,
+                settings.concurrency,
+                block.file,
+                block.line,
             )
 
     def connector_for(
@@ -397,15 +430,20 @@ class _Checker:
     ) -> ConnectorConfig | None:
         attr = block.attributes.get("connector")
         if attr is None or not isinstance(attr.value, str):
-            self.problem(block, block.line, f"{what}: {block.type} block has no connector")
+            self.problem(
+                block, block.line, f"{what}: {block.type} block has no connector"
+            )
             return None
         found = config.connectors.get(attr.value)
-        if found is None and attr.value not in getattr(self, "_broken_connectors", set()):
+        if found is None and attr.value not in getattr(
+            self, "_broken_connectors", set()
+        ):
             self.problem(
-                block, attr.line,
+                block,
+                attr.line,
                 f"{what}: no connector named {attr.value!r}",
                 _suggest(attr.value, list(config.connectors))
-                or f"Defined connectors: {', '.join(sorted(config.connectors)) or 'none'}.",
+                or f"Defined connectors: {_listing(config.connectors)}.",
             )
         return found
 
@@ -421,7 +459,8 @@ class _Checker:
             for key in data:
                 attr = block.attributes.get(key)
                 self.problem(
-                    block, attr.line if attr else block.line,
+                    block,
+                    attr.line if attr else block.line,
                     f"{what}: unknown attribute {key!r} in {block.type} block",
                     _suggest(key, reserved) or f"Known: {', '.join(reserved)}.",
                 )
@@ -460,13 +499,17 @@ class _Checker:
         operations = self.registry.source_operations(connector.type)
         if not operations:
             self.problem(
-                block, block.line,
-                f"{what}: connector {connector.name!r} ({connector.type}) cannot be a source",
+                block,
+                block.line,
+                f"{what}: connector {connector.name!r} ({connector.type}) "
+                "cannot be a source",
             )
             return None
         if op_attr is None or not isinstance(op_attr.value, str):
             self.problem(
-                block, block.line, f"{what}: from block has no operation",
+                block,
+                block.line,
+                f"{what}: from block has no operation",
                 f"It offers: {', '.join(op.pattern for op in operations)}.",
             )
             return None
@@ -481,19 +524,24 @@ class _Checker:
             ok = False
         if not ok:
             return None
-        return FromConfig(connector.name, op_attr.value, options, block.file, block.line)
+        return FromConfig(
+            connector.name, op_attr.value, options, block.file, block.line
+        )
 
     def transform(self, block: Block, what: str) -> list[tuple[str, Expression]]:
         fields: list[tuple[str, Expression]] = []
         for name, attr in block.attributes.items():
-            expression = self.expression(attr.value, block, attr.line, f"{what} transform {name!r}")
+            expression = self.expression(
+                attr.value, block, attr.line, f"{what} transform {name!r}"
+            )
             if expression is not None:
                 fields.append((name, expression))
         for child in block.blocks:
             self.problem(
-                child, child.line,
+                child,
+                child.line,
                 f"{what}: nested block {child.type!r} in transform",
-                "Transform fields are name = \"EXPRESSION\".",
+                'Transform fields are name = "EXPRESSION".',
             )
         return fields
 
@@ -502,7 +550,9 @@ class _Checker:
     ) -> Expression | None:
         if not isinstance(source, str):
             self.problem(
-                block, line, f"{what}: expected an expression string, got {source!r}",
+                block,
+                line,
+                f"{what}: expected an expression string, got {source!r}",
                 'Write it in quotes: "input.field".',
             )
             return None
@@ -512,7 +562,9 @@ class _Checker:
             self.problem(block, line, f"{what}: {exc}")
             return None
 
-    def template(self, source: Any, block: Block, line: int, what: str) -> Template | None:
+    def template(
+        self, source: Any, block: Block, line: int, what: str
+    ) -> Template | None:
         if not isinstance(source, str):
             self.problem(block, line, f"{what}: expected a string, got {source!r}")
             return None
@@ -529,28 +581,38 @@ class _Checker:
         filter_: Filter | None = None
         filter_attr = block.attributes.get("filter")
         if filter_attr is not None:
-            expression = self.expression(filter_attr.value, block, filter_attr.line, f"{what} filter")
+            expression = self.expression(
+                filter_attr.value, block, filter_attr.line, f"{what} filter"
+            )
             ok = expression is not None
             if expression is not None:
                 filter_ = Filter(expression, IndexedEquality.detect(expression.source))
         if connector is None:
             return None
-        options, options_ok = self.options(connector.cls.to_options, block, reserved, what)
+        options, options_ok = self.options(
+            connector.cls.to_options, block, reserved, what
+        )
         ok = ok and options_ok
 
         operations = self.registry.target_operations(connector.type)
         if not operations:
             self.problem(
-                block, block.line,
-                f"{what}: connector {connector.name!r} ({connector.type}) cannot be a target",
+                block,
+                block.line,
+                f"{what}: connector {connector.name!r} ({connector.type}) "
+                "cannot be a target",
             )
             return None
         op_attr = block.attributes.get("operation")
-        written = op_attr.value if op_attr is not None else connector.cls.default_operation
+        written = (
+            op_attr.value if op_attr is not None else connector.cls.default_operation
+        )
         op_line = op_attr.line if op_attr is not None else block.line
         if written is None:
             self.problem(
-                block, block.line, f"{what}: to block has no operation",
+                block,
+                block.line,
+                f"{what}: to block has no operation",
                 f"It offers: {', '.join(op.pattern for op in operations)}.",
             )
             return None
@@ -566,11 +628,14 @@ class _Checker:
         target: Template | None = None
         target_attr = block.attributes.get("target")
         if target_attr is not None:
-            target = self.template(target_attr.value, block, target_attr.line, f"{what} target")
+            target = self.template(
+                target_attr.value, block, target_attr.line, f"{what} target"
+            )
             ok = ok and target is not None
         elif connector.cls.target_required:
             self.problem(
-                block, block.line,
+                block,
+                block.line,
                 f"{what}: to block for connector {connector.name!r} "
                 f"({connector.type}) needs a target",
                 'Add target = "..."',
@@ -584,9 +649,19 @@ class _Checker:
         if not ok:
             return None
         return ToConfig(
-            connector.name, operation, target, filter_, options,
-            connector.cls.fan_out, block.file, block.line,
+            connector.name,
+            operation,
+            target,
+            filter_,
+            options,
+            connector.cls.fan_out,
+            block.file,
+            block.line,
         )
+
+
+def _listing(names: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(names)) or "none"
 
 
 def _field_names(model: type[Settings], path: tuple[Any, ...]) -> list[str]:
@@ -624,8 +699,12 @@ def check_blocks(
     all_problems = problems + checker.problems
     if not blocks and not all_problems:
         all_problems.append(
-            Problem("", 0, "no *.mycel or *.hcl files with blocks were found",
-                    "Point mycel at the directory that holds your configuration.")
+            Problem(
+                "",
+                0,
+                "no *.mycel or *.hcl files with blocks were found",
+                "Point mycel at the directory that holds your configuration.",
+            )
         )
     if all_problems:
         raise ConfigError(all_problems)
@@ -648,8 +727,14 @@ def load_config(
             blocks, problems = _read_file(path, environ)
         else:
             raise ConfigError(
-                [Problem("", 0, f"no such directory: {str(path)!r}",
-                         "Give the directory that holds your .mycel files.")]
+                [
+                    Problem(
+                        "",
+                        0,
+                        f"no such directory: {str(path)!r}",
+                        "Give the directory that holds your .mycel files.",
+                    )
+                ]
             )
     else:
         blocks, problems = read_directory(path, environ)
@@ -675,7 +760,9 @@ def load_config_text(
     """Like :func:`load_config`, for configuration given as a string."""
     root, problems = read_text(text, file, environ)
     for attr in root.attributes.values():
-        problems.append(Problem(file, attr.line, f"attribute {attr.name!r} outside any block"))
+        problems.append(
+            Problem(file, attr.line, f"attribute {attr.name!r} outside any block")
+        )
     config = check_blocks(root.blocks, problems, registry)
     config.base_dir = base_dir or Path.cwd()
     return config

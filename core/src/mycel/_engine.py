@@ -97,7 +97,8 @@ class FlowHandle:
         self._metrics = metrics
         self._events_in = metrics.events_in.labels(flow.name)
         self._events_out = {
-            t.label: metrics.events_out.labels(flow.name, t.label) for t in self._targets
+            t.label: metrics.events_out.labels(flow.name, t.label)
+            for t in self._targets
         }
         self._in_flight = in_flight
 
@@ -208,7 +209,9 @@ class FlowHandle:
                 error = exc
                 permanent = False
                 logger.error(
-                    "flow %r: connector %r raised", self.flow, target.label,
+                    "flow %r: connector %r raised",
+                    self.flow,
+                    target.label,
                     exc_info=exc,
                 )
             else:
@@ -225,7 +228,12 @@ class FlowHandle:
             delay *= random.uniform(0.8, 1.0)
             logger.warning(
                 "flow %r: to %r failed (try %d of %d), retrying in %.2fs: %s",
-                self.flow, target.label, attempt, retry.attempts, delay, error,
+                self.flow,
+                target.label,
+                attempt,
+                retry.attempts,
+                delay,
+                error,
             )
             self._metrics.retries.labels(self.flow, target.label).inc()
             await asyncio.sleep(delay)

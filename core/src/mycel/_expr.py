@@ -104,8 +104,10 @@ def _operand_end(tokens: list[tuple[str, str]], start: int) -> int | None:
     elif kind == "name":
         end = start + 1
         while end < len(tokens):
-            if tokens[end][1] == "." and end + 1 < len(tokens) and (
-                tokens[end + 1][0] == "name"
+            if (
+                tokens[end][1] == "."
+                and end + 1 < len(tokens)
+                and (tokens[end + 1][0] == "name")
             ):
                 end += 2
             elif (
@@ -182,7 +184,7 @@ class Expression:
 
     """
 
-    __slots__ = ("source", "_program", "_functions")
+    __slots__ = ("_functions", "_program", "source")
 
     def __init__(
         self, source: str, functions: Mapping[str, Callable[..., Any]] | None = None
@@ -203,9 +205,7 @@ class Expression:
         self._functions = {k: v for k, v in available.items() if k in used}
         unknown = self._unknown_names(used)
         if unknown:
-            raise ExpressionError(
-                f"unknown function {unknown[0]!r} in {source!r}"
-            )
+            raise ExpressionError(f"unknown function {unknown[0]!r} in {source!r}")
         names = set(self._program.variables()) - {"input", "output", "context"}
         names -= self._bound_names(compiled_source)
         if names:
@@ -228,7 +228,12 @@ class Expression:
     @staticmethod
     def _bound_names(source: str) -> set[str]:
         # Comprehension variables: ``list.exists(x, x > 1)`` binds ``x``.
-        return set(re.findall(r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,", source))
+        return set(
+            re.findall(
+                r"\.\s*(?:all|exists|exists_one|map|filter)\s*\(\s*([A-Za-z_]\w*)\s*,",
+                source,
+            )
+        )
 
     @property
     def uses_functions(self) -> bool:
@@ -244,7 +249,9 @@ class Expression:
             if isinstance(variables, cel.Context):
                 return self._program.execute(variables)
             if self._functions:
-                return self._program.execute(cel.Context(dict(variables), self._functions))
+                return self._program.execute(
+                    cel.Context(dict(variables), self._functions)
+                )
             return self._program.execute(dict(variables))
         except Exception as exc:  # the CEL binding raises assorted types
             raise ExpressionError(_runtime_message(self.source, exc)) from exc
@@ -254,14 +261,56 @@ class Expression:
 
 
 _CEL_BUILTINS = {
-    "size", "has", "int", "uint", "double", "string", "bytes", "bool", "type",
-    "duration", "timestamp", "matches", "contains", "startsWith", "endsWith",
-    "exists", "exists_one", "all", "map", "filter", "max", "min", "dyn",
-    "getDate", "getDayOfMonth", "getDayOfWeek", "getDayOfYear", "getFullYear",
-    "getHours", "getMilliseconds", "getMinutes", "getMonth", "getSeconds",
-    "split", "lowerAscii", "upperAscii", "trim", "replace", "join", "indexOf",
-    "lastIndexOf", "substring", "charAt", "format", "optional", "orValue",
-    "hasValue", "value", "or", "in",
+    "size",
+    "has",
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bytes",
+    "bool",
+    "type",
+    "duration",
+    "timestamp",
+    "matches",
+    "contains",
+    "startsWith",
+    "endsWith",
+    "exists",
+    "exists_one",
+    "all",
+    "map",
+    "filter",
+    "max",
+    "min",
+    "dyn",
+    "getDate",
+    "getDayOfMonth",
+    "getDayOfWeek",
+    "getDayOfYear",
+    "getFullYear",
+    "getHours",
+    "getMilliseconds",
+    "getMinutes",
+    "getMonth",
+    "getSeconds",
+    "split",
+    "lowerAscii",
+    "upperAscii",
+    "trim",
+    "replace",
+    "join",
+    "indexOf",
+    "lastIndexOf",
+    "substring",
+    "charAt",
+    "format",
+    "optional",
+    "orValue",
+    "hasValue",
+    "value",
+    "or",
+    "in",
 }
 
 
@@ -343,7 +392,7 @@ class Template:
 
     """
 
-    __slots__ = ("source", "_parts", "constant")
+    __slots__ = ("_parts", "constant", "source")
 
     def __init__(
         self, source: str, functions: Mapping[str, Callable[..., Any]] | None = None

@@ -105,7 +105,7 @@ class _Unsupported(Exception):
 
 
 _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", '"': '"', "\\": "\\"}
-_ESCAPE = re.compile(r'\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))|%%\{')
+_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|(.))|%%\{")
 
 
 # Templates are CEL, not HCL: before parsing, every ``${`` (and every
@@ -208,9 +208,7 @@ class _Reader:
         kind = node.data
         if kind == "expr_term":
             inner = [c for c in node.children if isinstance(c, Tree | Token)]
-            meaningful = [
-                c for c in inner if not (isinstance(c, Token) and c in "()")
-            ]
+            meaningful = [c for c in inner if not (isinstance(c, Token) and c in "()")]
             if len(meaningful) == 1:
                 return self.value(meaningful[0])
         elif kind == "string":
@@ -222,12 +220,10 @@ class _Reader:
         elif kind == "literal_value":
             word = str(node.children[0])
             return {"true": True, "false": False, "null": None}[word]
-        elif kind == "heredoc_template" or kind == "heredoc_template_trim":
+        elif kind in {"heredoc_template", "heredoc_template_trim"}:
             return self.heredoc(str(node.children[0]), trim=kind.endswith("trim"))
         elif kind == "tuple":
-            return [
-                self.value(c) for c in node.children if isinstance(c, Tree)
-            ]
+            return [self.value(c) for c in node.children if isinstance(c, Tree)]
         elif kind == "object":
             return self.object(node)
         elif kind == "unary_op" and str(node.children[0]) == "-":
@@ -239,7 +235,7 @@ class _Reader:
         elif kind == "identifier":
             name = str(node.children[0])
             raise _Unsupported(
-                f"bare word {name!r} is not a value; quote it: \"{name}\"",
+                f'bare word {name!r} is not a value; quote it: "{name}"',
                 node.meta.line,
             )
         line = node.meta.line if not node.meta.empty else 0
@@ -276,7 +272,7 @@ class _Reader:
             )
         if not 1 <= len(args) <= 2 or not all(isinstance(a, str) for a in args):
             raise _Unsupported(
-                'env() takes a variable name and an optional default: '
+                "env() takes a variable name and an optional default: "
                 'env("NAME") or env("NAME", "default")',
                 line,
             )
@@ -286,7 +282,7 @@ class _Reader:
             return args[1]
         raise _Unsupported(
             f"environment variable {args[0]!r} is not set and has no default; "
-            f"set it, or write env({args[0]!r}, \"default\")",
+            f'set it, or write env({args[0]!r}, "default")',
             line,
         )
 

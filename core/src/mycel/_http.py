@@ -33,7 +33,7 @@ from starlette.staticfiles import StaticFiles
 from ._asgi import AsgiServer
 from ._connector import Connector, Event, Operation, SourceBinding
 from ._settings import Settings
-from .errors import FlowError
+from .errors import ConnectorError, FlowError
 
 __all__ = ["HttpConnector", "HttpSettings"]
 
@@ -135,13 +135,14 @@ class HttpConnector(Connector):
         if self._settings.static_dir is not None:
             folder = Path(self.services.base_dir, self._settings.static_dir)
             if not folder.is_dir():
-                from .errors import ConnectorError
-
                 raise ConnectorError(
-                    f"connector {self.name!r}: static_dir {str(folder)!r} is not a folder"
+                    f"connector {self.name!r}: static_dir {str(folder)!r} "
+                    "is not a folder"
                 )
             routes.append(
-                Mount(self._settings.static_path, StaticFiles(directory=folder, html=True))
+                Mount(
+                    self._settings.static_path, StaticFiles(directory=folder, html=True)
+                )
             )
         self._server = AsgiServer(
             Starlette(routes=routes),
@@ -152,7 +153,9 @@ class HttpConnector(Connector):
         await self._server.start()
         logger.info(
             "connector %r listening on http://%s:%d/",
-            self.name, self._settings.host, self._server.port,
+            self.name,
+            self._settings.host,
+            self._server.port,
         )
 
     async def start_sources(self) -> None:

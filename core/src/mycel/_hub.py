@@ -56,7 +56,7 @@ class Message:
 
     """
 
-    __slots__ = ("topic", "input", "payload", "flow", "options", "cache")
+    __slots__ = ("cache", "flow", "input", "options", "payload", "topic")
 
     def __init__(
         self,
@@ -85,16 +85,16 @@ class Subscriber:
     """
 
     __slots__ = (
-        "id",
-        "context",
-        "topics",
-        "limit",
-        "closed",
-        "close_reason",
-        "on_close",
+        "_hub",
         "_queue",
         "_waiter",
-        "_hub",
+        "close_reason",
+        "closed",
+        "context",
+        "id",
+        "limit",
+        "on_close",
+        "topics",
     )
 
     def __init__(
@@ -329,9 +329,7 @@ class Hub:
 
     # Index upkeep
 
-    def _build_index(
-        self, path: tuple[str, ...]
-    ) -> dict[str, dict[int, Subscriber]]:
+    def _build_index(self, path: tuple[str, ...]) -> dict[str, dict[int, Subscriber]]:
         index: dict[str, dict[int, Subscriber]] = {}
         for sub in self._all.values():
             self._index_add(path, index, sub)

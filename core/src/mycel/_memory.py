@@ -42,7 +42,7 @@ class TopicPattern:
 
     """
 
-    __slots__ = ("pattern", "_regex")
+    __slots__ = ("_regex", "pattern")
 
     def __init__(self, pattern: str) -> None:
         self.pattern = pattern

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import traceback
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import EntryPoint, entry_points
-from typing import Any
+from typing import Any, cast
 
 import pluggy
 
@@ -123,7 +123,7 @@ def load_plugins(
             distribution, version = _distribution_of(ep)
             candidates.append((PluginInfo(ep.name, distribution, version), ep.load))
     for name, plugin in extra:
-        candidates.append((PluginInfo(name, name, "local"), lambda p=plugin: p))
+        candidates.append((PluginInfo(name, name, "local"), _constant(plugin)))
 
     for info, load in candidates:
         try:
@@ -157,9 +157,14 @@ def load_plugins(
                 continue
             if result:
                 slot = registry.extra_operations.setdefault(type_name, {})
+                contributed = cast(Mapping[str, Sequence[Operation]], result)
                 for role in ("source", "target"):
-                    slot.setdefault(role, []).extend(result.get(role, ()))
+                    slot.setdefault(role, []).extend(contributed.get(role, ()))
     return registry
+
+
+def _constant(plugin: object) -> Callable[[], object]:
+    return lambda: plugin
 
 
 def _collect(
@@ -171,13 +176,13 @@ def _collect(
     backplanes: list[type[Backplane]] = []
     for impl in pm.hook.mycel_connector_types.get_hookimpls():
         if impl.plugin is plugin:
-            types += list(impl.function() or ())
+            types += list(cast(Iterable[Any], impl.function() or ()))
     for impl in pm.hook.mycel_expression_functions.get_hookimpls():
         if impl.plugin is plugin:
-            functions.update(impl.function() or {})
+            functions.update(cast(Mapping[str, Any], impl.function() or {}))
     for impl in pm.hook.mycel_backplanes.get_hookimpls():
         if impl.plugin is plugin:
-            backplanes += list(impl.function() or ())
+            backplanes += list(cast(Iterable[Any], impl.function() or ()))
 
     # Check everything before adding anything, so a failure adds nothing.
     for cls in types:

@@ -11,6 +11,7 @@ acknowledge what finished, then close every connector.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -71,9 +72,9 @@ class Runtime:
             services = Services(
                 name=name,
                 metrics=self.metrics,
-                hub_factory=lambda name=name: self._hub_for(name),
-                compile_expression=lambda source: Expression(source, functions),
-                compile_template=lambda source: Template(source, functions),
+                hub_factory=functools.partial(self._hub_for, name),
+                compile_expression=functools.partial(Expression, functions=functions),
+                compile_template=functools.partial(Template, functions=functions),
                 logger=logging.getLogger(f"mycel.{spec.type}"),
                 base_dir=config.base_dir,
                 backplane=self.backplane,
@@ -111,7 +112,10 @@ class Runtime:
             return Hub(name, metrics)
         assert self.config.cluster is not None
         return ClusteredHub(
-            name, metrics, self.backplane, self._fan_out_blocks.get(name, {}),
+            name,
+            metrics,
+            self.backplane,
+            self._fan_out_blocks.get(name, {}),
             self.config.cluster.buffer,
         )
 
@@ -150,7 +154,8 @@ class Runtime:
                 await self._admin.start()
                 logger.info(
                     "admin endpoint on http://%s:%d/ (health, ready, metrics)",
-                    self.config.service.admin_host, self._admin.port,
+                    self.config.service.admin_host,
+                    self._admin.port,
                 )
             for connector in self._started:
                 await connector.start_sources()
@@ -160,7 +165,9 @@ class Runtime:
         self.ready = True
         logger.info(
             "%s started: %d connectors, %d flows",
-            self.config.service.name, len(self.connectors), len(self.flows),
+            self.config.service.name,
+            len(self.connectors),
+            len(self.flows),
         )
 
     async def _connect_backplane(self) -> None:
@@ -190,7 +197,8 @@ class Runtime:
             logger.warning(
                 "shutdown: %d events still in flight after %.1fs; they will be "
                 "redelivered by at-least-once sources",
-                self.in_flight.count, timeout,
+                self.in_flight.count,
+                timeout,
             )
         await self._close_started()
         logger.info("%s stopped", self.config.service.name)
@@ -220,7 +228,9 @@ class Runtime:
             if isinstance(result, BaseException) and not isinstance(
                 result, asyncio.CancelledError
             ):
-                logger.error("%s connector %r failed", what, connector.name, exc_info=result)
+                logger.error(
+                    "%s connector %r failed", what, connector.name, exc_info=result
+                )
 
     @property
     def admin_port(self) -> int | None:
@@ -232,4 +242,3 @@ class Runtime:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
-

@@ -34,8 +34,8 @@ def parse_duration(value: Any) -> Any:
         match = _DURATION.match(value)
         if match is None:
             raise ValueError(
-                f"{value!r} is not a duration; write it like \"500ms\", "
-                "\"30s\", \"5m\" or \"1h\""
+                f'{value!r} is not a duration; write it like "500ms", '
+                '"30s", "5m" or "1h"'
             )
         return float(match.group(1)) * _UNITS[match.group(2)]
     if isinstance(value, bool):
@@ -55,7 +55,9 @@ class Settings(BaseModel):
 
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, use_attribute_docstrings=True
+    )
 
 
 def redact_url(url: str) -> str:

@@ -49,8 +49,15 @@ def run_workers(args: Namespace, config: Config) -> int:
             "--workers needs a cluster block, so that every worker delivers "
             'every event: add cluster { backplane = "redis://127.0.0.1:6379/0" }'
         )
-    command = [sys.executable, "-m", "mycel", "--log-level", args.log_level, "run",
-               args.directory]
+    command = [
+        sys.executable,
+        "-m",
+        "mycel",
+        "--log-level",
+        args.log_level,
+        "run",
+        args.directory,
+    ]
     stopping = False
 
     def start(index: int) -> subprocess.Popen[bytes]:
@@ -79,7 +86,9 @@ def run_workers(args: Namespace, config: Config) -> int:
             elif not stopping:
                 logger.warning(
                     "worker %d (pid %d) exited with %d; starting it again",
-                    index, proc.pid, code,
+                    index,
+                    proc.pid,
+                    code,
                 )
                 time.sleep(1.0)
                 workers[index] = start(index)

@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     validate.add_argument("directory", metavar="DIR")
 
     plugins = commands.add_parser("plugins", help="installed plugins")
-    plugin_commands = plugins.add_subparsers(dest="plugins_command", metavar="SUBCOMMAND")
+    plugin_commands = plugins.add_subparsers(
+        dest="plugins_command", metavar="SUBCOMMAND"
+    )
     listing = plugin_commands.add_parser("list", help="list installed plugins")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     return parser

@@ -48,7 +48,9 @@ __all__ = [
 ]
 
 
-def registry(plugins: Iterable[object] = (), *, entry_points: bool = True) -> PluginRegistry:
+def registry(
+    plugins: Iterable[object] = (), *, entry_points: bool = True
+) -> PluginRegistry:
     """Plugins for a test: the installed ones plus ``plugins``."""
     extra = [(getattr(p, "__name__", repr(p)), p) for p in plugins]
     return load_plugins(extra, entry_point_group="mycel" if entry_points else None)
@@ -85,7 +87,9 @@ class App:
         """Publish on a memory connector, as a source event."""
         await self.memory(connector).publish(topic, payload)
 
-    def listen(self, connector: str, pattern: str = "#") -> asyncio.Queue[tuple[str, Any]]:
+    def listen(
+        self, connector: str, pattern: str = "#"
+    ) -> asyncio.Queue[tuple[str, Any]]:
         """Everything published on a memory connector's matching topics."""
         return self.memory(connector).listen(pattern)
 

@@ -28,13 +28,16 @@ from collections.abc import Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
-
 from mycel import Backplane, ConnectorError, redact_url
+from redis.exceptions import RedisError
 
 __all__ = ["RedisBackplane"]
 
 logger = logging.getLogger("mycel.cluster")
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def _stream_id(value: str) -> tuple[int, int] | None:
@@ -71,7 +74,7 @@ class RedisBackplane(Backplane):
         try:
             await self._redis.ping()
         except (RedisError, OSError) as exc:
-            await self._redis.aclose()
+            await self._redis.aclose()  # type: ignore[no-untyped-call]
             self._redis = None
             raise ConnectorError(
                 f"cannot connect to Redis at {redact_url(self.url)}: {exc}"
@@ -83,7 +86,7 @@ class RedisBackplane(Backplane):
             await asyncio.gather(self._reader, return_exceptions=True)
             self._reader = None
         if self._redis is not None:
-            await self._redis.aclose()
+            await self._redis.aclose()  # type: ignore[no-untyped-call]
             self._redis = None
 
     async def publish(self, channel: str, data: bytes) -> None:
@@ -116,12 +119,13 @@ class RedisBackplane(Backplane):
             except (RedisError, OSError) as exc:
                 logger.warning(
                     "Redis backplane: subscription lost, retrying in %.1fs: %s",
-                    delay, exc,
+                    delay,
+                    exc,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
             finally:
-                await pubsub.aclose()
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def history_append(
         self, stream: str, data: bytes, maxlen: int, ttl: float | None
@@ -134,8 +138,7 @@ class RedisBackplane(Backplane):
             if ttl is not None:
                 pipe.pexpire(key, int(ttl * 1000))
             results: list[Any] = await pipe.execute()
-        entry_id = results[0]
-        return entry_id.decode() if isinstance(entry_id, bytes) else str(entry_id)
+        return _text(results[0])
 
     async def history_since(
         self, stream: str, last_id: str
@@ -148,13 +151,15 @@ class RedisBackplane(Backplane):
         # A gap: entries after last_id were trimmed away, or the whole log
         # expired. The oldest entry kept is a marker (see history_append):
         # whoever saw it or anything later missed nothing.
-        first = await self.client.xrange(key, count=1)
+        first: list[Any] = await self.client.xrange(key, count=1) or []  # type: ignore[assignment]
         if not first:
             return [] if after == (0, 0) else None
-        first_id = _stream_id(first[0][0].decode())
+        first_id = _stream_id(_text(first[0][0]))
         if first_id is not None and after < first_id:
             added = await self.client.xinfo_stream(key)
             if added["entries-added"] > added["length"]:
                 return None
-        entries = await self.client.xrange(key, min=f"({after[0]}-{after[1]}")
-        return [(entry_id.decode(), fields[b"d"]) for entry_id, fields in entries]
+        entries: list[Any] = await self.client.xrange(  # type: ignore[assignment]
+            key, min=f"({after[0]}-{after[1]}"
+        )
+        return [(_text(entry_id), fields[b"d"]) for entry_id, fields in entries]
