@@ -79,3 +79,50 @@ META = ("_lsn", "_commit_lsn", "_commit_time", "_xid")
 def without_meta(payload: dict[str, Any]) -> dict[str, Any]:
     """The payload minus the fields that differ per run (LSNs, times, xid)."""
     return {k: v for k, v in payload.items() if k not in META}
+
+
+# -- a target a test controls ------------------------------------------------
+
+import mycel  # noqa: E402
+
+
+class GateSettings(mycel.Settings):
+    failures: int = 0
+    """Transient failures of each event before it is accepted."""
+
+
+class GateTarget(mycel.Connector):
+    """Records deliveries; can hold them (``open``) or fail them."""
+
+    type_name = "gate"
+    settings_model = GateSettings
+    target_operations = (mycel.Operation("deliver", "record the payload"),)
+    default_operation = "deliver"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.open = asyncio.Event()
+        self.open.set()
+        self.arrived: asyncio.Queue[Any] = asyncio.Queue()
+        self.delivered: asyncio.Queue[Any] = asyncio.Queue()
+        self.tries: dict[Any, int] = {}
+
+    async def deliver(self, delivery: mycel.Delivery) -> None:
+        payload = delivery.payload
+        self.arrived.put_nowait(payload)
+        await self.open.wait()
+        key = (payload.get("_lsn"), payload.get("id"))
+        self.tries[key] = self.tries.get(key, 0) + 1
+        assert isinstance(self.settings, GateSettings)
+        if self.tries[key] <= self.settings.failures:
+            raise mycel.DeliveryError(f"refused try {self.tries[key]}")
+        self.delivered.put_nowait(payload)
+
+
+class _GatePlugin:
+    @mycel.hookimpl
+    def mycel_connector_types(self) -> list[type[mycel.Connector]]:
+        return [GateTarget]
+
+
+gate_plugin = _GatePlugin()
