@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import Field
 
 from ._hub import Hub, Message
-from ._settings import Duration, Settings
+from ._settings import Settings
 
 if TYPE_CHECKING:
     from ._connector import Filter
@@ -70,9 +70,6 @@ class ClusterSettings(Settings):
 
     buffer: int = Field(default=10_000, ge=1)
     """Messages kept while the backplane is unreachable."""
-
-    reconnect_delay: Duration = 1.0
-    """Wait before reconnecting to a lost backplane; doubles up to 30s."""
 
 
 class Backplane(ABC):
