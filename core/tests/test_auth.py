@@ -486,6 +486,18 @@ def test_inequality_filter_fails_closed_for_anonymous() -> None:
     assert anonymous.get_nowait() is None
 
 
+def test_filter_can_address_anonymous_clients_explicitly() -> None:
+    auth = hmac_auth()
+    hub = Hub("ws")
+    anonymous = hub.subscribe(auth.build_context({}, ANONYMOUS), ["n"])
+    identity = auth.authenticate(query={"token": hs256()})
+    alice = hub.subscribe(auth.build_context({}, identity), ["n"])
+    flt = Filter(Expression("!has(context.user) && input.public == true"), None)
+    assert hub.publish("n", Message("n", {"public": True}, "teaser"), flt) == 1
+    assert anonymous.get_nowait().payload == "teaser"
+    assert alice.get_nowait() is None
+
+
 # Refresh and expiry
 
 
