@@ -46,7 +46,9 @@ class RabbitNamespace:
         self._channel: Any = None
         self._consumers: list[tuple[Any, str]] = []
 
-    def connector(self, name: str = "rabbit", *, url: str | None = None, **extra: Any) -> str:
+    def connector(
+        self, name: str = "rabbit", *, url: str | None = None, **extra: Any
+    ) -> str:
         """A ``connector`` block using this namespace's names."""
         lines = [
             f'connector "{name}" {{',
@@ -73,7 +75,10 @@ class RabbitNamespace:
     async def channel(self) -> Any:
         import aio_pika
 
-        if self._channel is None:
+        if self._channel is None or self._channel.is_closed:
+            if self._connection is not None:
+                with contextlib.suppress(Exception):
+                    await self._connection.close()
             self._connection = await aio_pika.connect(self.url)
             self._channel = await self._connection.channel(publisher_confirms=True)
             await self._channel.declare_exchange(
@@ -131,6 +136,10 @@ class RabbitNamespace:
         """Delete every queue and exchange whose name starts with the prefix."""
         import aio_pika
 
+        if self._connection is not None:
+            with contextlib.suppress(Exception):
+                await self._connection.close()
+            self._connection = self._channel = None
         queues = await _list("list_queues", self.prefix) or [
             self.dead_queue,
         ]
@@ -148,8 +157,6 @@ class RabbitNamespace:
                 channel = await connection.channel()
                 with contextlib.suppress(Exception):
                     await channel.exchange_delete(name)
-        if self._connection is not None:
-            await self._connection.close()
 
 
 async def _list(command: str, prefix: str) -> list[str]:
@@ -159,14 +166,18 @@ async def _list(command: str, prefix: str) -> list[str]:
     code, out = await rabbitmqctl(command, "-q", "--no-table-headers", "name")
     if code != 0:
         return []
-    return [line.strip() for line in out.splitlines() if line.strip().startswith(prefix)]
+    return [
+        line.strip() for line in out.splitlines() if line.strip().startswith(prefix)
+    ]
 
 
 async def rabbitmqctl(*args: str, timeout: float = 60.0) -> tuple[int, str]:
     """Run rabbitmqctl; (exit code, output)."""
     process = await asyncio.create_subprocess_exec(
-        "rabbitmqctl", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        "rabbitmqctl",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
     out, _ = await asyncio.wait_for(process.communicate(), timeout)
     return process.returncode or 0, out.decode(errors="replace")

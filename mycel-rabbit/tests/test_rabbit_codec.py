@@ -46,19 +46,20 @@ def test_encode_database_types() -> None:
         "raw": b"\x00\x01",
         "text": "é",
     }
-    assert encode_payload(payload) == (
-        '{"n":12,"price":9.95,"at":"2026-01-02T03:04:05+00:00",'
-        '"day":"2026-01-02","id":"12345678-1234-5678-1234-567812345678",'
-        '"raw":"AAE=","text":"é"}'
-    ).encode()
+    assert (
+        encode_payload(payload)
+        == (
+            '{"n":12,"price":9.95,"at":"2026-01-02T03:04:05+00:00",'
+            '"day":"2026-01-02","id":"12345678-1234-5678-1234-567812345678",'
+            '"raw":"AAE=","text":"é"}'
+        ).encode()
+    )
 
 
 def test_encode_refuses_what_json_cannot_hold() -> None:
     with pytest.raises(TypeError) as caught:
         encode_payload({"x": object})
-    assert str(caught.value) == (
-        "type value <class 'object'> is not JSON serialisable"
-    )
+    assert str(caught.value) == ("type value <class 'object'> is not JSON serialisable")
     with pytest.raises(ValueError) as nan:
         encode_payload({"x": float("nan")})
     # The wording's tail differs between Python versions.

@@ -115,6 +115,8 @@ class _Consumer:
     queue: AbstractQueue | None = None
     tag: str | None = None
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    settling: set[asyncio.Task[Any]] = field(default_factory=set)
+    """Tasks whose flow has finished and that are acking or dead-lettering."""
 
 
 @dataclass(eq=False)
@@ -249,11 +251,12 @@ class RabbitConnector(Connector):
 
         """
         self._closing = True
-        tasks = {task for c in self._consumers for task in c.tasks}
-        if tasks:
-            _done, pending = await asyncio.wait(tasks, timeout=5.0)
-            for task in pending:
-                task.cancel()
+        settling = {task for c in self._consumers for task in c.settling}
+        if settling:
+            await asyncio.wait(settling, timeout=5.0)
+        # What is still running was abandoned by the runtime's drain timeout.
+        for task in {task for c in self._consumers for task in c.tasks}:
+            task.cancel()
         if self._supervisor is not None:
             self._supervisor.cancel()
             await asyncio.gather(self._supervisor, return_exceptions=True)
@@ -431,26 +434,31 @@ class RabbitConnector(Connector):
     def _callback(
         self, consumer: _Consumer
     ) -> Callable[[AbstractIncomingMessage], Any]:
+        # aiormq cancels its callback tasks when the channel closes; a flow
+        # runs in a task of ours so that a connection loss does not cut it
+        # off halfway (its message is redelivered either way).
         async def on_message(message: AbstractIncomingMessage) -> None:
-            task = asyncio.current_task()
-            assert task is not None
+            task = asyncio.create_task(self._run(consumer, message))
             consumer.tasks.add(task)
-            try:
-                async with consumer.semaphore:
-                    if not self._consuming:
-                        # Stopping: leave it to the broker for the next run.
-                        await _settle(message.nack(requeue=True))
-                        return
-                    await self._handle(consumer, message)
-            finally:
-                consumer.tasks.discard(task)
+            task.add_done_callback(consumer.tasks.discard)
+            task.add_done_callback(consumer.settling.discard)
 
         return on_message
+
+    async def _run(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
+        async with consumer.semaphore:
+            if not self._consuming:
+                # Stopping: leave it to the broker for the next run.
+                await _settle(message.nack(requeue=True))
+                return
+            await self._handle(consumer, message)
 
     async def _handle(
         self, consumer: _Consumer, message: AbstractIncomingMessage
     ) -> None:
         flow = consumer.binding.flow
+        task = asyncio.current_task()
+        assert task is not None
 
         # A body that is not JSON cannot get better by trying again.
         try:
@@ -470,6 +478,7 @@ class RabbitConnector(Connector):
         try:
             await consumer.binding.handle.process(event)
         except FlowError as exc:
+            consumer.settling.add(task)
             logger.warning(
                 "flow %r gave up on message %s from %r: %s",
                 flow,
@@ -480,6 +489,7 @@ class RabbitConnector(Connector):
             await self._dead_letter(consumer, message, str(exc))
             return
         except Exception as exc:  # top of a per-message task: never lose it
+            consumer.settling.add(task)
             logger.error(
                 "flow %r failed unexpectedly on message %s",
                 flow,
@@ -488,6 +498,7 @@ class RabbitConnector(Connector):
             )
             await self._dead_letter(consumer, message, f"unexpected error: {exc!r}")
             return
+        consumer.settling.add(task)
         await _settle(message.ack())
 
     async def _dead_letter(
