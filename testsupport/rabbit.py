@@ -1,8 +1,9 @@
 """RabbitMQ fixtures: the real broker on 127.0.0.1:5672, in a namespace per test.
 
 ``rabbit`` gives each test its own exchange, queue prefix and dead-letter
-names (other test runs use the same broker at the same time), a client to
-publish and read with, and deletes what the test left behind.
+names (other test runs use the same broker at the same time) and a client to
+publish and read with; what the tests left behind is deleted when the run
+ends.
 ``amqp_proxy`` is a plain TCP relay in front of the broker that a test can
 cut and restore, to lose connections without disturbing anyone else.
 ``broker_stopped()`` stops the RabbitMQ application itself for a real
@@ -18,7 +19,7 @@ import json
 import os
 import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -35,9 +36,9 @@ RABBIT_URL = os.environ.get(
 class RabbitNamespace:
     """Names for one test, and a client connection to publish and read with."""
 
-    def __init__(self, url: str = RABBIT_URL) -> None:
+    def __init__(self, session_prefix: str, url: str = RABBIT_URL) -> None:
         self.url = url
-        self.prefix = f"mycel-test-{uuid.uuid4().hex[:10]}."
+        self.prefix = f"{session_prefix}{uuid.uuid4().hex[:8]}."
         self.exchange = f"{self.prefix}x"
         self.queue_prefix = f"{self.prefix}q."
         self.dead_exchange = f"{self.prefix}dlx"
@@ -132,31 +133,31 @@ class RabbitNamespace:
         count: int = declared.declaration_result.message_count
         return count
 
-    async def cleanup(self) -> None:
-        """Delete every queue and exchange whose name starts with the prefix."""
-        import aio_pika
-
+    async def close(self) -> None:
+        """Close the client connection; names are deleted at the session's end."""
         if self._connection is not None:
             with contextlib.suppress(Exception):
                 await self._connection.close()
             self._connection = self._channel = None
-        queues = await _list("list_queues", self.prefix) or [
-            self.dead_queue,
-        ]
-        exchanges = await _list("list_exchanges", self.prefix) or [
-            self.exchange,
-            self.dead_exchange,
-        ]
-        connection = await aio_pika.connect(self.url)
-        async with connection:
-            for name in queues:
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.queue_delete(name)
-            for name in exchanges:
-                channel = await connection.channel()
-                with contextlib.suppress(Exception):
-                    await channel.exchange_delete(name)
+
+
+async def delete_prefixed(url: str, prefix: str) -> None:
+    """Delete every queue and exchange whose name starts with ``prefix``."""
+    import aio_pika
+
+    queues, exchanges = await asyncio.gather(
+        _list("list_queues", prefix), _list("list_exchanges", prefix)
+    )
+    connection = await aio_pika.connect(url)
+    async with connection:
+        for name in queues:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.queue_delete(name)
+        for name in exchanges:
+            channel = await connection.channel()
+            with contextlib.suppress(Exception):
+                await channel.exchange_delete(name)
 
 
 async def _list(command: str, prefix: str) -> list[str]:
@@ -255,16 +256,30 @@ class AmqpProxy:
         self._writers.discard(up_writer)
 
 
+@pytest.fixture(scope="session")
+def rabbit_session_prefix() -> Iterator[str]:
+    """A name prefix for the whole run; its queues and exchanges go at the end.
+
+    One ``rabbitmqctl`` listing per run rather than per test: it takes a
+    second or two on a busy machine.
+
+    """
+    prefix = f"mycel-test-{uuid.uuid4().hex[:8]}-"
+    yield prefix
+    if port_open(RABBIT_HOST, RABBIT_PORT):
+        asyncio.run(delete_prefixed(RABBIT_URL, prefix))
+
+
 @pytest.fixture
-async def rabbit() -> AsyncIterator[RabbitNamespace]:
-    """A namespace on the real broker; everything in it is deleted afterwards."""
+async def rabbit(rabbit_session_prefix: str) -> AsyncIterator[RabbitNamespace]:
+    """A namespace on the real broker; deleted when the test run ends."""
     if not port_open(RABBIT_HOST, RABBIT_PORT):
         service_unavailable(f"RabbitMQ on {RABBIT_HOST}:{RABBIT_PORT}")
-    namespace = RabbitNamespace()
+    namespace = RabbitNamespace(rabbit_session_prefix)
     try:
         yield namespace
     finally:
-        await namespace.cleanup()
+        await namespace.close()
 
 
 @pytest.fixture
