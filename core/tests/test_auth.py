@@ -842,6 +842,33 @@ def test_jwks_with_a_symmetric_or_private_key_is_refused(
     assert str(info.value).startswith(f"jwks_file '{path}' is not a JSON Web Key Set: ")
 
 
+def test_jwk_alg_must_fit_its_key(tmp_path: Path, ec_key: Any, caplog: Any) -> None:
+    ec_jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(ec_key.public_key()))
+    path = tmp_path / "jwks.json"
+    settings = AuthSettings.model_validate({"jwt": {"jwks_file": "jwks.json"}})
+
+    # A P-256 key that claims ES384 is skipped, leaving no key.
+    path.write_text(json.dumps({"keys": [{**ec_jwk, "kid": "k", "alg": "ES384"}]}))
+    with (
+        caplog.at_level("WARNING", logger="mycel.auth"),
+        pytest.raises(ConnectorError) as info,
+    ):
+        Authenticator(settings, tmp_path)
+    assert str(info.value) == f"jwks_file '{path}' holds no signing keys"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"ignoring a key: jwks_file '{path}', key 'k': an EC public key on "
+        "secp256r1 cannot verify ES384"
+    ]
+
+    # An EC key that claims an RSA algorithm cannot even be loaded.
+    path.write_text(json.dumps({"keys": [{**ec_jwk, "kid": "k", "alg": "RS256"}]}))
+    with pytest.raises(ConnectorError) as info:
+        Authenticator(settings, tmp_path)
+    assert str(info.value) == (
+        f"jwks_file '{path}', key 'k' cannot be loaded: Not an RSA key"
+    )
+
+
 def test_jwks_keys_for_other_algorithms_are_skipped(
     tmp_path: Path, ec_key: Any, rsa_key: rsa.RSAPrivateKey, caplog: Any
 ) -> None:

@@ -53,6 +53,7 @@ from ._settings import Duration, Settings
 from .errors import ConnectorError, ExpressionError, MycelError
 
 __all__ = [
+    "ANONYMOUS",
     "CLOSE_TOKEN_EXPIRED",
     "GRAPHQL_WS_UNAUTHORIZED",
     "SSE_EXPIRED_EVENT",
@@ -305,6 +306,7 @@ class Identity:
 
 
 ANONYMOUS = Identity()
+"""The identity of a client that brought no token."""
 
 
 def build_context(
@@ -478,7 +480,9 @@ def _kind(key: Any) -> str:
         return "an RSA public key"
     if isinstance(key, ec.EllipticCurvePublicKey):
         return f"an EC public key on {key.curve.name}"
-    return f"a {type(key).__name__.removeprefix('_')}"
+    if isinstance(key, ed25519.Ed25519PublicKey | ed448.Ed448PublicKey):
+        return "an EdDSA public key"
+    return f"a key of type {type(key).__name__}"
 
 
 def _fit(
@@ -488,14 +492,17 @@ def _fit(
     usable = _algorithms_for(key)
     if not usable:
         raise ConnectorError(f"{where}: {_kind(key)} cannot verify JWTs")
+    # A JWK's own alg narrows what it verifies, and must fit its type.
+    if implied is not None:
+        usable = tuple(a for a in usable if a == implied)
+        if not usable:
+            raise ConnectorError(f"{where}: {_kind(key)} cannot verify {implied}")
     if configured is None:
-        chosen = (implied,) if implied in usable else usable[:1]
+        chosen = usable[:1]
     else:
         chosen = tuple(a for a in configured if a in usable)
-        if implied is not None:
-            chosen = tuple(a for a in chosen if a == implied)
     if not chosen:
-        wanted = ", ".join(configured or [implied or ""])
+        wanted = ", ".join(configured or ())
         raise ConnectorError(f"{where}: {_kind(key)} cannot verify {wanted}")
     return _Key(key, chosen)
 
