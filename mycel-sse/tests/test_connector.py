@@ -8,7 +8,7 @@ import logging
 
 import httpx
 import pytest
-from mycel.testing import running
+from mycel.testing import eventually, running
 from mycel_sse import SseConnector
 
 from testsupport.sse import SseEvent, open_stream
@@ -455,6 +455,43 @@ async def test_client_that_does_not_read_is_dropped_and_others_get_everything(
             "WARNING",
             "connector 'sse': dropped client 1 of prices: slow consumer: send "
             "queue full (4 messages)",
+        )
+    ]
+    assert not [r for r in caplog.records if r.name.startswith("uvicorn")]
+
+
+async def test_client_that_accepts_nothing_for_send_timeout_is_dropped(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    settings = 'send_queue = 10000\n send_timeout = "200ms"'
+    async with running(config(settings)) as app:
+        url = base_url(app)
+        hub = app.connector("sse").services.hub
+        port = app.connector("sse").port
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /events/prices HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        await reader.readuntil(b"\r\n\r\n")
+
+        async with open_stream(f"{url}/events/prices") as fast:
+            # About 10 MB: more than the socket buffers take for the silent one.
+            for n in range(1, 101):
+                await publish(app, "prices", {"n": n, "pad": "x" * 100_000})
+                assert json.loads((await fast.event()).data)["n"] == n
+            await eventually(lambda: len(hub.subscribers) == 1)
+            await publish(app, "prices", {"n": 101, "pad": ""})
+            assert json.loads((await fast.event()).data)["n"] == 101
+
+        async with asyncio.timeout(10):
+            while await reader.read(1 << 20):
+                pass
+        writer.close()
+    drops = [r for r in caplog.records if r.name == "mycel.sse"]
+    assert [(r.levelname, r.getMessage()) for r in drops] == [
+        (
+            "WARNING",
+            "connector 'sse': dropped client 1 of prices: no data accepted for 0.2s",
         )
     ]
     assert not [r for r in caplog.records if r.name.startswith("uvicorn")]

@@ -21,9 +21,11 @@ flow "f" {
 
 
 def problems(settings: str, to: str = 'operation = "broadcast"') -> list[str]:
+    """The problems found, less core's follow-up about the broken connector."""
     with pytest.raises(ConfigError) as info:
         load_test_config(FLOW % (settings, to))
-    return [problem.message for problem in info.value.problems]
+    found = [problem.message for problem in info.value.problems]
+    return [p for p in found if p != "flow 'f': no connector named 'sse'"]
 
 
 def test_public_names_are_exported_sorted() -> None:

@@ -19,6 +19,7 @@ every stream name that was ever published to, until the process stops.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -38,7 +39,6 @@ from mycel import (
     SubscriberClosed,
 )
 from sse_starlette import EventSourceResponse, ServerSentEvent
-from sse_starlette.sse import SendTimeoutError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -95,46 +95,57 @@ _QUIET_CUT = _QuietCut()
 class _Client:
     """One connected client: its subscriber and what its writer is doing."""
 
-    __slots__ = ("cancel", "connector", "sending", "stream", "sub")
+    __slots__ = ("cancel", "connector", "cut", "sending", "since", "stream", "sub")
 
     def __init__(self, connector: str, stream: str | None) -> None:
         self.connector = connector
         self.stream = stream
         self.sub: Subscriber | None = None
         self.sending = 0
+        self.since = 0.0
+        self.cut = False
         self.cancel: anyio.CancelScope | None = None
 
-    def on_close(self, sub: Subscriber, reason: str) -> None:
-        if not reason.startswith("slow consumer"):
-            return
+    def drop(self, reason: str) -> None:
+        """Log why the client goes; cut its stream if it is stuck sending."""
         logger.warning(
             "connector %r: dropped client %d of %s: %s",
             self.connector,
-            sub.id,
+            self.sub.id if self.sub is not None else 0,
             self.stream or "broadcasts",
             reason,
         )
-        # Blocked in a send, the writer would never see the close: cut it.
+        # Blocked in a send, the writer would never see a close: cut it.
         # Otherwise it sends the reason as a final comment and ends.
         if self.sending and self.cancel is not None:
+            self.cut = True
             self.cancel.cancel()
+
+    def on_close(self, sub: Subscriber, reason: str) -> None:
+        if reason.startswith("slow consumer"):
+            self.drop(reason)
 
 
 class _EventStream(EventSourceResponse):
     """The response of one client: its replay head, then live events."""
 
     def __init__(
-        self, client: _Client, sub: Subscriber, head: list[bytes], settings: SseSettings
+        self,
+        client: _Client,
+        sub: Subscriber,
+        head: list[bytes],
+        settings: SseSettings,
+        clients: set[_Client],
     ) -> None:
         super().__init__(
             self._events(sub, head),
             ping=settings.heartbeat_interval,
             ping_message_factory=lambda: ServerSentEvent(comment="heartbeat", sep="\n"),
-            send_timeout=settings.send_timeout,
             sep="\n",
         )
         self._client = client
         self._sub = sub
+        self._clients = clients
 
     @staticmethod
     async def _events(sub: Subscriber, head: list[bytes]) -> AsyncIterator[bytes]:
@@ -159,29 +170,26 @@ class _EventStream(EventSourceResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         client = self._client
 
+        # Count sends in progress, for the stall watchdog and slow drops.
         async def counted_send(message: AsgiMessage) -> None:
+            if not client.sending:
+                client.since = time.monotonic()
             client.sending += 1
             try:
                 await send(message)
             finally:
                 client.sending -= 1
+                client.since = time.monotonic()
 
+        self._clients.add(client)
         try:
             with anyio.CancelScope() as cancel:
                 client.cancel = cancel
                 await super().__call__(scope, receive, counted_send)
-        except SendTimeoutError:
-            logger.warning(
-                "connector %r: dropped client %d of %s: no data accepted for %ss",
-                client.connector,
-                self._sub.id,
-                client.stream or "broadcasts",
-                self.send_timeout,
-            )
-            _cut_on_purpose.set(True)
         finally:
+            self._clients.discard(client)
             self._sub.close("client disconnected")
-        if cancel.cancelled_caught:
+        if client.cut:
             _cut_on_purpose.set(True)
         logger.debug("connector %r: client %d left", client.connector, self._sub.id)
 
@@ -212,6 +220,8 @@ class SseConnector(Connector):
         self._streams: set[str] = set()
         self._any_stream = False
         self._server: AsgiServer | None = None
+        self._clients: set[_Client] = set()
+        self._watchdog: asyncio.Task[None] | None = None
 
     @property
     def port(self) -> int:
@@ -262,6 +272,7 @@ class SseConnector(Connector):
             settings.port,
         )
         await self._server.start()
+        self._watchdog = asyncio.create_task(self._watch_stalls())
         logger.info(
             "connector %r listening on http://%s:%d%s",
             self.name,
@@ -270,7 +281,24 @@ class SseConnector(Connector):
             path,
         )
 
+    async def _watch_stalls(self) -> None:
+        """Drop clients whose current send has waited over ``send_timeout``.
+
+        One task for all clients, rather than a timer around every send.
+
+        """
+        timeout = self._settings.send_timeout
+        while True:
+            await asyncio.sleep(min(1.0, timeout / 4))
+            cutoff = time.monotonic() - timeout
+            for client in list(self._clients):
+                if client.sending and client.since < cutoff and not client.cut:
+                    client.drop(f"no data accepted for {timeout:g}s")
+
     async def close(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         self.services.hub.close_all("server shutting down")
         if self._server is not None:
             await self._server.stop()
@@ -367,7 +395,7 @@ class SseConnector(Connector):
             stream or "broadcasts",
             len(head),
         )
-        return _EventStream(client, sub, head, self._settings)
+        return _EventStream(client, sub, head, self._settings, self._clients)
 
     def _refuse_stream(self, stream: str) -> Response | None:
         if not STREAM_NAME.fullmatch(stream):
