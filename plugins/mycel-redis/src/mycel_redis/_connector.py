@@ -111,6 +111,8 @@ class RedisConnector(mycel.Connector):
             self._client = aioredis.Redis.from_url(
                 self._settings.url,
                 client_name=self._settings.client_name or f"mycel:{self.name}",
+                socket_timeout=self._settings.timeout,
+                socket_connect_timeout=self._settings.timeout,
             )
             await self._client.ping()
         except (RedisError, OSError, ValueError) as exc:
@@ -168,14 +170,13 @@ class RedisConnector(mycel.Connector):
         self._readers.clear()
 
     async def close(self) -> None:
-        # The runtime has drained in-flight events, or given up waiting:
-        # abandoned stream entries stay pending and come back.
-        for reader in self._streams:
-            reader.cancel()
-            await reader.drain()
+        # The runtime has waited for in-flight flows (or given up); entries
+        # whose flow returned still need their XACK, so give them `timeout`.
+        # Whatever is still unfinished then stays pending and comes back.
+        timeout = self._settings.timeout
+        await asyncio.gather(*(reader.finish(timeout) for reader in self._streams))
         if self._pubsub is not None:
-            self._pubsub.cancel()
-            await self._pubsub.close()
+            await self._pubsub.close(timeout)
         await self._close_client()
 
     async def _close_client(self) -> None:

@@ -106,7 +106,11 @@ class PubSubReader:
         delay = self._settings.reconnect_delay
         while True:
             try:
-                message = await self._pubsub.get_message(timeout=None)
+                # Wait for less than the socket timeout: older redis-py
+                # versions apply it to an unbounded wait as well.
+                message = await self._pubsub.get_message(
+                    timeout=self._settings.timeout / 2
+                )
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 logger.warning(
                     "pub/sub connection lost, subscribing again in %.2fs: %s",
@@ -120,18 +124,17 @@ class PubSubReader:
             if message is not None:
                 await self._dispatch(message)
 
-    async def close(self) -> None:
-        """Wait for messages being processed, then unsubscribe."""
+    async def close(self, timeout: float) -> None:
+        """Give messages still being processed ``timeout``, then unsubscribe."""
         if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            _, running = await asyncio.wait(self._tasks, timeout=timeout)
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         if self._pubsub is not None:
             # redis-py leaves PubSub.aclose unannotated (redis 5 to 8).
             await self._pubsub.aclose()  # type: ignore[no-untyped-call]
             self._pubsub = None
-
-    def cancel(self) -> None:
-        for task in self._tasks:
-            task.cancel()
 
     async def _dispatch(self, message: dict[str, Any]) -> None:
         # A pmessage comes once per matching pattern, a message once per

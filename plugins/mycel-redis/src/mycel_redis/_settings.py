@@ -32,6 +32,10 @@ class RedisSettings(mycel.Settings):
     """Name of the connections in ``CLIENT LIST``; by default
     ``mycel:`` followed by the connector's name."""
 
+    timeout: mycel.Duration = Field(default=5.0, gt=0)
+    """How long connecting, or a command, may take before the connection
+    counts as lost. Blocking stream reads wait for half of it at most."""
+
     batch: int = Field(default=100, ge=1)
     """Stream entries read per ``XREADGROUP`` call."""
 

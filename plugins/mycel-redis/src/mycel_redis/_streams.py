@@ -49,7 +49,6 @@ logger = logging.getLogger("mycel.redis")
 DEAD_SUFFIX = ".dead"
 """The dead-letter stream of ``NAME`` is ``NAME`` + this suffix."""
 
-_BLOCK_SECONDS = 5.0
 _MAX_RECONNECT_DELAY = 30.0
 
 Entry = tuple[bytes, dict[bytes, bytes] | None]
@@ -112,15 +111,20 @@ class StreamReader:
                 continue
             delay = self._settings.reconnect_delay
 
-    async def drain(self) -> None:
-        """Wait for the entries being processed (at close)."""
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+    async def finish(self, timeout: float) -> None:
+        """At close: let entries whose flow returned be acknowledged.
 
-    def cancel(self) -> None:
-        """Abandon entries still being processed; they stay pending."""
-        for task in self._tasks:
+        The runtime has waited for the flows already; what is left is the
+        ``XACK`` (or dead letter) after them. Entries still running after
+        ``timeout`` are abandoned and stay pending, to come back later.
+
+        """
+        if not self._tasks:
+            return
+        _, running = await asyncio.wait(self._tasks, timeout=timeout)
+        for task in running:
             task.cancel()
+        await asyncio.gather(*running, return_exceptions=True)
 
     async def _read_pending(self) -> None:
         # Our own pending entries first: read after an id cursor, because
@@ -139,7 +143,9 @@ class StreamReader:
         # claim_idle; both loops raise on a lost connection.
         loop = asyncio.get_running_loop()
         claim_at = loop.time()
-        block = min(_BLOCK_SECONDS, self._settings.claim_idle)
+        # Block for less than the socket timeout, or redis-py gives up on
+        # the read as if the connection were lost.
+        block = min(self._settings.timeout / 2, self._settings.claim_idle)
         while True:
             if loop.time() >= claim_at:
                 await self._claim_stale()
