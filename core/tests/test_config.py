@@ -470,3 +470,13 @@ def test_secret_values_are_not_shown_in_problems() -> None:
         "app.mycel:5: connector 'v': setting 'retries' = 'amqp://u:***@host/': Input "
         "should be a valid integer, unable to parse string as an integer.",
     ]
+
+
+def test_secrets_inside_a_nested_block_error_are_masked() -> None:
+    from mycel._settings import shown_value
+
+    assert shown_value("jwt", {"secret": "hunter2", "issuer": "x"}) == {
+        "secret": "***",
+        "issuer": "x",
+    }
+    assert shown_value("nodes", ["http://u:pw@h:9200"]) == ["http://u:***@h:9200"]

@@ -179,3 +179,14 @@ def test_indexable_filters_are_detected(
 )
 def test_as_text(value: object, text: str | None) -> None:
     assert as_text(value) == text
+
+
+def test_string_functions_of_the_extended_library() -> None:
+    expression = Expression("input.room.split(':')[0].upperAscii() == 'ACME'")
+    assert expression.evaluate({"input": {"room": "acme:general"}}) is True
+
+
+def test_namespaced_library_functions_are_refused_at_load() -> None:
+    with pytest.raises(ExpressionError) as info:
+        Expression("math.greatest([1, 2])")
+    assert str(info.value) == "unknown function 'greatest' in 'math.greatest([1, 2])'"

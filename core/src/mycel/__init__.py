@@ -8,6 +8,21 @@ is importable from here; modules whose names start with ``_`` are private.
 from __future__ import annotations
 
 from ._asgi import AsgiServer
+from ._auth import (
+    ANONYMOUS,
+    CLOSE_TOKEN_EXPIRED,
+    GRAPHQL_WS_UNAUTHORIZED,
+    SSE_EXPIRED_EVENT,
+    Authenticator,
+    AuthError,
+    AuthSettings,
+    ExpiryTimer,
+    Identity,
+    JoinPolicy,
+    JwtSettings,
+    build_context,
+    check_origin,
+)
 from ._cluster import Backplane, ClusterSettings
 from ._config import Config, load_config, load_config_text
 from ._connector import (
@@ -39,8 +54,13 @@ from .errors import (
 from .hookspecs import hookimpl
 
 __all__ = [
+    "ANONYMOUS",
     "AsgiServer",
+    "AuthError",
+    "AuthSettings",
+    "Authenticator",
     "Backplane",
+    "CLOSE_TOKEN_EXPIRED",
     "ClusterSettings",
     "Config",
     "ConfigError",
@@ -50,12 +70,17 @@ __all__ = [
     "DeliveryError",
     "Duration",
     "Event",
+    "ExpiryTimer",
     "Expression",
     "ExpressionError",
     "Filter",
     "FlowError",
     "FlowHandle",
+    "GRAPHQL_WS_UNAUTHORIZED",
     "Hub",
+    "Identity",
+    "JoinPolicy",
+    "JwtSettings",
     "MemoryConnector",
     "Message",
     "MycelError",
@@ -64,6 +89,7 @@ __all__ = [
     "PluginRegistry",
     "Problem",
     "Runtime",
+    "SSE_EXPIRED_EVENT",
     "Services",
     "Settings",
     "SourceBinding",
@@ -72,6 +98,8 @@ __all__ = [
     "Template",
     "TopicPattern",
     "as_text",
+    "build_context",
+    "check_origin",
     "hookimpl",
     "load_config",
     "load_config_text",

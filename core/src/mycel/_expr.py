@@ -22,6 +22,7 @@ from decimal import Decimal
 from typing import Any
 
 import cel
+import cel.stdlib as cel_stdlib
 
 from .errors import ExpressionError
 
@@ -200,8 +201,7 @@ class Expression:
         if compiled_source != source:
             self._program = cel.compile(compiled_source)
         used = set(self._program.functions())
-        available = dict(functions or {})
-        available[_TEXT_EQ] = _text_eq
+        available = {**_STDLIB, **(functions or {}), _TEXT_EQ: _text_eq}
         self._functions = {k: v for k, v in available.items() if k in used}
         unknown = self._unknown_names(used)
         if unknown:
@@ -260,6 +260,7 @@ class Expression:
         return f"Expression({self.source!r})"
 
 
+# Functions the CEL binding evaluates natively.
 _CEL_BUILTINS = {
     "size",
     "has",
@@ -268,7 +269,6 @@ _CEL_BUILTINS = {
     "double",
     "string",
     "bytes",
-    "bool",
     "type",
     "duration",
     "timestamp",
@@ -281,8 +281,6 @@ _CEL_BUILTINS = {
     "all",
     "map",
     "filter",
-    "max",
-    "min",
     "dyn",
     "getDate",
     "getDayOfMonth",
@@ -294,23 +292,26 @@ _CEL_BUILTINS = {
     "getMinutes",
     "getMonth",
     "getSeconds",
-    "split",
-    "lowerAscii",
-    "upperAscii",
-    "trim",
-    "replace",
-    "join",
-    "indexOf",
-    "lastIndexOf",
-    "substring",
-    "charAt",
-    "format",
     "optional",
     "orValue",
     "hasValue",
     "value",
     "or",
     "in",
+    "of",
+    "none",
+}
+
+# The binding's extended standard library (split, lowerAscii, join, min,
+# max, ...), attached to an evaluation only when the expression calls one.
+# Its namespaced functions (math.greatest) are left out, as the compiler
+# reports them under their last part; so are its list functions, whose
+# "contains" would shadow the native string method.
+_STDLIB: dict[str, Callable[..., Any]] = {
+    name: function
+    for library in ("core", "strings")
+    for name, function in cel_stdlib.EXTENSIONS[library].items()
+    if "." not in name
 }
 
 

@@ -77,11 +77,20 @@ _SECRET_NAME = re.compile(r"password|secret|token|api_key|apikey|credential", re
 
 
 def shown_value(name: str, value: Any) -> Any:
-    """What may be printed of a setting's value: secrets masked."""
+    """What may be printed of a setting's value: secrets masked.
+
+    Works through nested blocks and lists, so that a whole block given as
+    the input of an error shows no secret either.
+
+    """
     if isinstance(value, SecretStr) or (
         _SECRET_NAME.search(name) and value not in (None, "")
     ):
         return "***"
     if isinstance(value, str) and "://" in value:
         return redact_url(value)
+    if isinstance(value, dict):
+        return {k: shown_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [shown_value(name, v) for v in value]
     return value
