@@ -209,6 +209,13 @@ class DatabaseConnector(Connector):
     async def _table_info(
         self, table: TableName, payload: Mapping[str, Any]
     ) -> TableInfo:
+        # The common case: columns known, every key one of them.
+        task = self._tables.get(table)
+        if task is not None and task.done() and not task.cancelled():
+            known = task.result() if task.exception() is None else None
+            if known is not None and all(name in known.columns for name in payload):
+                return known
+
         for attempt in range(2):
             task = self._tables.get(table)
             if task is None:
