@@ -11,6 +11,9 @@ with core. Then, in that environment only:
   stream, and stops cleanly on SIGTERM;
 - the template's own tests pass, run the way its author runs them.
 
+And the plugin guide (docs/writing-a-plugin.md), which is all a third party
+reads, names every hook and every public name of ``mycel``.
+
 pip takes the dependencies from the package index the machine is set up
 with; nothing is fetched from elsewhere.
 
@@ -32,8 +35,6 @@ from typing import Any
 import pytest
 
 from testsupport.base import ROOT
-
-pytestmark = pytest.mark.slow
 
 _COPY_IGNORE = shutil.ignore_patterns(
     "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache", ".mypy_cache"
@@ -100,6 +101,7 @@ def redis_sync(redis_url: str) -> Iterator[tuple[Any, str]]:
         client.close()
 
 
+@pytest.mark.slow
 def test_plugins_list_shows_the_installed_plugins(venv: Path) -> None:
     rows = json.loads(_run([str(venv / "bin" / "mycel"), "plugins", "list", "--json"]))
     assert sorted(row["distribution"] for row in rows) == [
@@ -140,6 +142,7 @@ def test_plugins_list_shows_the_installed_plugins(venv: Path) -> None:
     }
 
 
+@pytest.mark.slow
 def test_redis_plugin_runs_a_flow_and_stops_cleanly(
     venv: Path,
     redis_url: str,
@@ -207,6 +210,7 @@ def test_redis_plugin_runs_a_flow_and_stops_cleanly(
     assert client.xpending(source, "relay")["pending"] == 0
 
 
+@pytest.mark.slow
 def test_template_tests_pass_where_its_author_runs_them(venv: Path) -> None:
     # The template's own test suite, from its own folder, with the
     # distribution installed from a copy (as pip would from an sdist).
@@ -216,3 +220,15 @@ def test_template_tests_pass_where_its_author_runs_them(venv: Path) -> None:
         cwd=project,
     )
     assert output.splitlines()[-1].startswith("6 passed"), output
+
+
+def test_plugin_guide_names_every_hook_and_public_name() -> None:
+    import mycel
+    import mycel.testing
+    from mycel import hookspecs
+
+    guide = (ROOT / "docs" / "writing-a-plugin.md").read_text(encoding="utf-8")
+    hooks = sorted(name for name in dir(hookspecs) if name.startswith("mycel_"))
+    names = [*mycel.__all__, *mycel.testing.__all__, *hooks]
+    missing = [name for name in names if f"`{name}" not in guide]
+    assert missing == [], f"docs/writing-a-plugin.md does not mention {missing}"
