@@ -495,3 +495,11 @@ async def test_client_that_accepts_nothing_for_send_timeout_is_dropped(
         )
     ]
     assert not [r for r in caplog.records if r.name.startswith("uvicorn")]
+
+
+async def test_cors_wildcard_allows_any_origin() -> None:
+    async with running(config('cors { origins = ["*"] }')) as app:
+        url = base_url(app) + "/events/prices"
+        async with open_stream(url, {"Origin": "http://any.example"}) as s:
+            headers = s.response.headers
+    assert headers["access-control-allow-origin"] == "*"

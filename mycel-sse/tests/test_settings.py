@@ -94,3 +94,13 @@ def test_stream_operation_with_bad_characters_is_refused_at_load() -> None:
 def test_unknown_to_attribute_is_refused() -> None:
     found = problems("", 'operation = "broadcast"\n evnt = "x"')
     assert found == ["flow 'f' to: unknown setting 'evnt'"]
+
+
+def test_cors_credentials_need_listed_origins() -> None:
+    found = problems('cors {\n origins = ["*"]\n credentials = true\n}')
+    # Core masks any setting whose name says "credential", booleans too.
+    assert found == [
+        "connector 'sse': setting 'cors' = {'origins': ['*'], 'credentials': "
+        "'***'}: credentials cannot be allowed for origins = [\"*\"]; list the "
+        "origins instead"
+    ]

@@ -32,11 +32,13 @@ from mycel import (
     Connector,
     Delivery,
     DeliveryError,
+    Identity,
     Message,
     Operation,
     Settings,
     Subscriber,
     SubscriberClosed,
+    build_context,
 )
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
@@ -353,17 +355,21 @@ class SseConnector(Connector):
     # Clients
 
     def subscriber_context(
-        self, request: Request, stream: str | None
+        self,
+        request: Request,
+        stream: str | None,
+        identity: Identity | None = None,
     ) -> dict[str, Any]:
         """The ``context`` that filters see for one client.
 
         ``params`` are the query parameters (the last value of a repeated
         one) and ``stream`` the stream name, or None on the broadcast path.
-        These are claims the client makes about itself, not identity; an
-        ``auth`` block would add verified claims here.
+        Parameters are claims the client makes about itself, not identity:
+        an ``auth`` block verifies a token first and passes its
+        ``identity``, whose claims become ``context.user``.
 
         """
-        return {"params": dict(request.query_params), "stream": stream}
+        return build_context(dict(request.query_params), identity, {"stream": stream})
 
     async def _open(self, request: Request) -> Response:
         # Refuse what cannot be served before taking anything.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from mycel import Duration, Settings
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 __all__ = [
     "GAP_EVENT",
@@ -51,6 +51,15 @@ class CorsSettings(Settings):
                     '"https://app.example" or "http://localhost:3000" (no path)'
                 )
         return origins
+
+    @model_validator(mode="after")
+    def _check_wildcard(self) -> CorsSettings:
+        if self.credentials and "*" in self.origins:
+            raise ValueError(
+                'credentials cannot be allowed for origins = ["*"]; list the '
+                "origins instead"
+            )
+        return self
 
 
 class SseSettings(Settings):
