@@ -17,7 +17,6 @@ the same for both servers. Nothing here is a test.
 
 """
 
-
 import asyncio
 import base64
 import json
@@ -77,11 +76,10 @@ def serve_mycel(port: int, pipe: Connection) -> None:
 
 
 def serve_strawberry(port: int, pipe: Connection) -> None:
+    import mycel
     import strawberry
     from strawberry.asgi import GraphQL
     from strawberry.scalars import JSON
-
-    import mycel
 
     queues: list[asyncio.Queue[Any]] = []
 
@@ -265,7 +263,8 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "graphql",
-                "figure": f"memory -> graphql subscription to {SUBSCRIBERS} subscribers",
+                "figure": "memory -> graphql subscription to "
+                f"{SUBSCRIBERS} subscribers",
                 "unit": "deliveries/s",
                 "value": round(rate),
                 "baseline_name": "strawberry, resolver reading an asyncio queue per "

@@ -55,7 +55,9 @@ def node_client() -> Callable[..., Any]:
     @asynccontextmanager
     async def start(script: str, args: dict[str, Any]) -> AsyncIterator[NodeProcess]:
         process = await asyncio.create_subprocess_exec(
-            str(node), str(JS_DIR / script), json.dumps(args),
+            str(node),
+            str(JS_DIR / script),
+            json.dumps(args),
             cwd=JS_DIR,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,

@@ -8,14 +8,13 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import mycel
 import pytest
 import strawberry
-from strawberry.asgi import GraphQL
-from strawberry.scalars import JSON
-
-import mycel
 from mycel.testing import App, eventually, free_port, running
 from mycel_graphql import GraphqlConnector
+from strawberry.asgi import GraphQL
+from strawberry.scalars import JSON
 
 SERVER = """
 connector "mem" {{ type = "memory" }}
@@ -83,9 +82,10 @@ def client_of(app: App) -> Any:
 @pytest.mark.parametrize("protocol", ["auto", "graphql-transport-ws", "graphql-ws"])
 async def test_client_receives_events_of_our_server(protocol: str) -> None:
     port = free_port()
-    async with running(SERVER.format(port=port)) as server, running(
-        client_config(port, protocol=protocol)
-    ) as client:
+    async with (
+        running(SERVER.format(port=port)) as server,
+        running(client_config(port, protocol=protocol)) as client,
+    ):
         updates = client.listen("db", "price_updates")
         await subscribed(server)
         await server.publish("mem", "prices", {"shop": "south", "price": 1})
@@ -93,18 +93,24 @@ async def test_client_receives_events_of_our_server(protocol: str) -> None:
         await server.publish("mem", "prices", {"shop": "north", "price": 3})
         for price in (2, 3):
             topic, payload = await asyncio.wait_for(updates.get(), 5)
-            assert (topic, payload) == ("price_updates", {"shop": "north", "price": price})
+            assert (topic, payload) == (
+                "price_updates",
+                {"shop": "north", "price": price},
+            )
         assert updates.empty()
 
 
 async def test_client_keeps_one_connection_for_all_its_flows() -> None:
     port = free_port()
-    config = client_config(port) + """
+    config = (
+        client_config(port)
+        + """
 flow "second" {
   from { connector = "external_gql"  operation = "Subscription.priceChanged" }
   to   { connector = "db"  target = "second" }
 }
 """
+    )
     async with running(SERVER.format(port=port)) as server, running(config) as client:
         first = client.listen("db", "price_updates")
         second = client.listen("db", "second")
@@ -113,8 +119,14 @@ flow "second" {
         assert isinstance(gql, GraphqlConnector) and gql.server is not None
         assert len(gql.server.connections) == 1
         await server.publish("mem", "prices", {"shop": "north", "price": 5})
-        assert (await asyncio.wait_for(first.get(), 5))[1] == {"shop": "north", "price": 5}
-        assert (await asyncio.wait_for(second.get(), 5))[1] == {"shop": "north", "price": 5}
+        assert (await asyncio.wait_for(first.get(), 5))[1] == {
+            "shop": "north",
+            "price": 5,
+        }
+        assert (await asyncio.wait_for(second.get(), 5))[1] == {
+            "shop": "north",
+            "price": 5,
+        }
 
 
 async def test_client_resubscribes_after_server_restart(
@@ -136,9 +148,13 @@ async def test_client_resubscribes_after_server_restart(
             )
         attempts = [r for r in caplog.records if r.name == "mycel.graphql"]
         assert all(r.levelname == "WARNING" for r in attempts)
-        assert attempts[0].getMessage().startswith(
-            "connector 'external_gql': subscriptions to "
-            f"ws://127.0.0.1:{port}/graphql/ws ended ("
+        assert (
+            attempts[0]
+            .getMessage()
+            .startswith(
+                "connector 'external_gql': subscriptions to "
+                f"ws://127.0.0.1:{port}/graphql/ws ended ("
+            )
         )
         assert "; reconnecting in " in attempts[0].getMessage()
         assert attempts[0].getMessage().endswith("(attempt 1)")
@@ -207,25 +223,29 @@ async def test_client_with_query_and_variables_against_plain_strawberry() -> Non
     config = client_config(0, path="/graphql", query=query).replace(
         "Subscription.priceChanged", "Subscription.priceObject"
     )
-    async with strawberry_server() as port, running(
-        config.replace("127.0.0.1:0", f"127.0.0.1:{port}")
-    ) as client:
+    async with (
+        strawberry_server() as port,
+        running(config.replace("127.0.0.1:0", f"127.0.0.1:{port}")) as client,
+    ):
         updates = client.listen("db", "price_updates")
         await eventually(lambda: len(FEEDS) == 1)
         await FEEDS[0].put(250)
         assert await asyncio.wait_for(updates.get(), 5) == (
-            "price_updates", {"sku": "A-1", "cents": 250}
+            "price_updates",
+            {"sku": "A-1", "cents": 250},
         )
 
 
 @pytest.mark.parametrize("protocol", ["graphql-transport-ws", "graphql-ws"])
 async def test_client_without_query_against_plain_strawberry(protocol: str) -> None:
-    async with strawberry_server() as port, running(
-        client_config(port, path="/graphql", protocol=protocol)
-    ) as client:
+    async with (
+        strawberry_server() as port,
+        running(client_config(port, path="/graphql", protocol=protocol)) as client,
+    ):
         updates = client.listen("db", "price_updates")
         await eventually(lambda: len(FEEDS) == 1)
         await FEEDS[0].put({"sku": "B", "cents": 99})
         assert await asyncio.wait_for(updates.get(), 5) == (
-            "price_updates", {"sku": "B", "cents": 99}
+            "price_updates",
+            {"sku": "B", "cents": 99},
         )

@@ -55,13 +55,16 @@ async def test_graphql_ws_reference_client_gets_only_its_users_orders(
     query = "subscription { orderUpdated }"
     async with running(SPEC_CONFIG.format(port=port)) as app:
         alice_args = {
-            "url": url, "query": query, "count": 2,
+            "url": url,
+            "query": query,
+            "count": 2,
             "connectionParams": {"userId": "alice"},
         }
         bob_args = {**alice_args, "connectionParams": {"userId": "bob"}}
-        async with node_client("subscribe.mjs", alice_args) as alice, node_client(
-            "subscribe.mjs", bob_args
-        ) as bob:
+        async with (
+            node_client("subscribe.mjs", alice_args) as alice,
+            node_client("subscribe.mjs", bob_args) as bob,
+        ):
             assert await alice.line() == {"event": "connected"}
             assert await bob.line() == {"event": "connected"}
             await subscribers(app, 2)
@@ -73,14 +76,17 @@ async def test_graphql_ws_reference_client_gets_only_its_users_orders(
                         "payload": {
                             "data": {
                                 "orderUpdated": {
-                                    "id": order_id, "status": f"s{order_id}"
+                                    "id": order_id,
+                                    "status": f"s{order_id}",
                                 }
                             }
                         },
                     }
                 # The client disposes itself after two events: a normal close.
                 assert await client.line() == {
-                    "event": "closed", "code": 1000, "reason": "Normal Closure"
+                    "event": "closed",
+                    "code": 1000,
+                    "reason": "Normal Closure",
                 }
             await subscribers(app, 0)
 

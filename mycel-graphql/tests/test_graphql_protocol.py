@@ -8,8 +8,8 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import websockets
-
 from mycel.testing import App, eventually, free_port, running
+
 from testsupport.graphql import RawSocket, raw_socket
 
 FLOWS = """
@@ -104,14 +104,21 @@ async def test_alias_is_the_response_key() -> None:
     async with server() as (app, url), raw_socket(url) as ws:
         await ws.init()
         await ws.send(
-            {"id": "1", "type": "subscribe",
-             "payload": {"query": "subscription Named { p: priceChanged }",
-                         "operationName": "Named"}}
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {
+                    "query": "subscription Named { p: priceChanged }",
+                    "operationName": "Named",
+                },
+            }
         )
         await subscribers(app, "priceChanged", 1)
         await app.publish("mem", "prices", 7)
         assert await ws.recv() == {
-            "id": "1", "type": "next", "payload": {"data": {"p": 7}}
+            "id": "1",
+            "type": "next",
+            "payload": {"data": {"p": 7}},
         }
 
 
@@ -143,8 +150,11 @@ async def test_invalid_document_gets_error_message_and_keeps_connection() -> Non
     async with server() as (_, url), raw_socket(url) as ws:
         await ws.init()
         await ws.send(
-            {"id": "1", "type": "subscribe",
-             "payload": {"query": "subscription { nothingHere }"}}
+            {
+                "id": "1",
+                "type": "subscribe",
+                "payload": {"query": "subscription { nothingHere }"},
+            }
         )
         assert await ws.recv() == {
             "id": "1",
@@ -168,7 +178,9 @@ async def test_query_over_the_socket_answers_once_then_completes() -> None:
             {"id": "q", "type": "subscribe", "payload": {"query": "{ _mycel }"}}
         )
         assert await ws.recv() == {
-            "id": "q", "type": "next", "payload": {"data": {"_mycel": True}}
+            "id": "q",
+            "type": "next",
+            "payload": {"data": {"_mycel": True}},
         }
         assert await ws.recv() == {"id": "q", "type": "complete"}
 
@@ -221,8 +233,7 @@ async def test_close_4400_on_subscribe_without_query() -> None:
         await ws.send({"id": "1", "type": "subscribe", "payload": {"variables": {}}})
         assert await ws.closed() == (
             4400,
-            "\"subscribe\" message payload expects the 'query' property to be a "
-            "string",
+            "\"subscribe\" message payload expects the 'query' property to be a string",
         )
 
 
@@ -231,7 +242,8 @@ async def test_close_4400_on_subscribe_without_id() -> None:
         await ws.init()
         await ws.send({"type": "subscribe", "payload": {"query": "{ _mycel }"}})
         assert await ws.closed() == (
-            4400, "\"subscribe\" message requires a non-empty 'id' property"
+            4400,
+            "\"subscribe\" message requires a non-empty 'id' property",
         )
 
 
@@ -241,65 +253,84 @@ async def test_close_4406_without_a_known_subprotocol() -> None:
 
 
 async def test_graphql_transport_ws_is_preferred_when_both_are_offered() -> None:
-    async with server() as (_, url), websockets.connect(
-        url, subprotocols=["graphql-ws", "graphql-transport-ws"]  # type: ignore[list-item]
-    ) as ws:
+    async with (
+        server() as (_, url),
+        websockets.connect(
+            url,
+            subprotocols=["graphql-ws", "graphql-transport-ws"],  # type: ignore[list-item]
+        ) as ws,
+    ):
         assert ws.subprotocol == "graphql-transport-ws"
 
 
 async def test_slow_subscriber_is_dropped_without_slowing_others() -> None:
     big = "x" * 256_000
-    async with server(extra="queue_size = 5") as (app, url):
-        # The slow client reads nothing: its socket and buffers fill up.
-        async with websockets.connect(
+    port = free_port()
+    config = FLOWS.format(
+        port=port, extra="queue_size = 5", init_timeout="3s", keepalive="0s"
+    )
+    url = f"ws://127.0.0.1:{port}/graphql/ws"
+    # The slow client reads nothing: its socket and buffers fill up.
+    async with (
+        running(config) as app,
+        websockets.connect(
             url,
             subprotocols=["graphql-transport-ws"],  # type: ignore[list-item]
             max_queue=1,
             compression=None,
-        ) as slow_connection, raw_socket(url) as fast:
-            slow = RawSocket(slow_connection)
-            assert await slow.init() == {"type": "connection_ack"}
-            await fast.init()
-            await slow.send(SUBSCRIBE_PRICES)
-            await subscribers(app, "priceChanged", 1)
-            await fast.send(SUBSCRIBE_PRICES)
-            await subscribers(app, "priceChanged", 2)
-            hub = app.connector("gql").services.hub
-            slow_sub, fast_sub = sorted(hub.subscribers, key=lambda s: s.id)
+        ) as slow_connection,
+        raw_socket(url) as fast,
+    ):
+        slow = RawSocket(slow_connection)
+        assert await slow.init() == {"type": "connection_ack"}
+        await fast.init()
+        await slow.send(SUBSCRIBE_PRICES)
+        await subscribers(app, "priceChanged", 1)
+        await fast.send(SUBSCRIBE_PRICES)
+        await subscribers(app, "priceChanged", 2)
+        hub = app.connector("gql").services.hub
+        slow_sub, fast_sub = sorted(hub.subscribers, key=lambda s: s.id)
 
-            # The fast client gets every event while the slow one falls behind.
-            sent = 0
-            while not slow_sub.closed:
-                assert sent < 400, "the slow subscriber was never dropped"
-                await app.publish("mem", "prices", {"n": sent, "big": big})
-                message = await fast.recv()
-                assert message["payload"]["data"]["priceChanged"]["n"] == sent
-                sent += 1
-            assert slow_sub.close_reason == "slow consumer: send queue full (5 messages)"
-            assert not fast_sub.closed
-            await app.publish("mem", "prices", {"n": sent, "big": ""})
-            assert (await fast.recv())["payload"]["data"]["priceChanged"]["n"] == sent
+        # The fast client gets every event while the slow one falls behind.
+        sent = 0
+        while not slow_sub.closed:
+            assert sent < 400, "the slow subscriber was never dropped"
+            await app.publish("mem", "prices", {"n": sent, "big": big})
+            message = await fast.recv()
+            assert message["payload"]["data"]["priceChanged"]["n"] == sent
+            sent += 1
+        assert slow_sub.close_reason == "slow consumer: send queue full (5 messages)"
+        assert not fast_sub.closed
+        await app.publish("mem", "prices", {"n": sent, "big": ""})
+        assert (await fast.recv())["payload"]["data"]["priceChanged"]["n"] == sent
 
-            # Once it reads again, it finds the close frame after its backlog.
-            while True:
-                try:
-                    await asyncio.wait_for(slow_connection.recv(), 5.0)
-                except websockets.ConnectionClosed as closed:
-                    assert closed.rcvd is not None
-                    assert (closed.rcvd.code, closed.rcvd.reason) == (
-                        1008, "slow consumer: send queue full (5 messages)"
-                    )
-                    break
+        # Once it reads again, it finds the close frame after its backlog.
+        while True:
+            try:
+                await asyncio.wait_for(slow_connection.recv(), 5.0)
+            except websockets.ConnectionClosed as closed:
+                assert closed.rcvd is not None
+                assert (closed.rcvd.code, closed.rcvd.reason) == (
+                    1008,
+                    "slow consumer: send queue full (5 messages)",
+                )
+                break
 
 
 async def test_legacy_protocol_by_hand() -> None:
-    async with server(keepalive="30s") as (app, url), raw_socket(url, "graphql-ws") as ws:
+    async with (
+        server(keepalive="30s") as (app, url),
+        raw_socket(url, "graphql-ws") as ws,
+    ):
         await ws.send({"type": "connection_init", "payload": {"userId": "u"}})
         assert await ws.recv() == {"type": "connection_ack"}
         assert await ws.recv() == {"type": "ka"}
         await ws.send(
-            {"id": "1", "type": "start",
-             "payload": {"query": "subscription { orderUpdated }"}}
+            {
+                "id": "1",
+                "type": "start",
+                "payload": {"query": "subscription { orderUpdated }"},
+            }
         )
         await subscribers(app, "orderUpdated", 1)
         await app.publish("mem", "orders", {"user_id": "u", "n": 1})
@@ -318,7 +349,9 @@ async def test_legacy_protocol_validation_errors_come_as_data_then_complete() ->
     async with server() as (_, url), raw_socket(url, "graphql-ws") as ws:
         await ws.send({"type": "connection_init"})
         assert await ws.recv() == {"type": "connection_ack"}
-        await ws.send({"id": "9", "type": "start", "payload": {"query": "subscription {"}})
+        await ws.send(
+            {"id": "9", "type": "start", "payload": {"query": "subscription {"}}
+        )
         message = await ws.recv()
         assert message["type"] == "data"
         assert message["payload"]["errors"][0]["message"] == (

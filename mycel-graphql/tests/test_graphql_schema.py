@@ -8,21 +8,20 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-import pytest
-
 import mycel
-
+import pytest
 from mycel.testing import App, eventually, free_port, load_test_config, running
+
 from testsupport.graphql import raw_socket
 
-SDL = '''
+SDL = """
 enum Status { PAID SHIPPED }
 type Order { id: ID!  status: Status!  total: Float  items: [String!] }
 type Subscription {
   orderUpdated(minTotal: Float): Order
   unused: String
 }
-'''
+"""
 
 CONFIG = """
 connector "mem" {{ type = "memory" }}
@@ -62,12 +61,17 @@ async def test_selection_and_arguments_of_a_typed_field(tmp_path: Path) -> None:
         async with raw_socket(url) as ws:
             await ws.init()
             await ws.send(
-                {"id": "1", "type": "subscribe",
-                 "payload": {"query": query, "variables": {"m": 10}}}
+                {
+                    "id": "1",
+                    "type": "subscribe",
+                    "payload": {"query": query, "variables": {"m": 10}},
+                }
             )
             hub = app.connector("gql").services.hub
             await eventually(lambda: hub.topic_size("orderUpdated") == 1)
-            await app.publish("mem", "orders", {"id": 1, "status": "PAID", "total": 5.0})
+            await app.publish(
+                "mem", "orders", {"id": 1, "status": "PAID", "total": 5.0}
+            )
             await app.publish(
                 "mem", "orders", {"id": 2, "status": "SHIPPED", "total": 12.5}
             )
@@ -93,8 +97,13 @@ async def test_payload_not_matching_the_schema_fails_the_flow_not_the_stream(
         async with raw_socket(url) as ws:
             await ws.init()
             await ws.send(
-                {"id": "1", "type": "subscribe",
-                 "payload": {"query": "subscription { orderUpdated(minTotal: 0) { id } }"}}
+                {
+                    "id": "1",
+                    "type": "subscribe",
+                    "payload": {
+                        "query": "subscription { orderUpdated(minTotal: 0) { id } }"
+                    },
+                }
             )
             hub = app.connector("gql").services.hub
             await eventually(lambda: hub.topic_size("orderUpdated") == 1)
@@ -106,7 +115,8 @@ async def test_payload_not_matching_the_schema_fails_the_flow_not_the_stream(
             ]
             await app.publish("mem", "orders", {"id": 3, "status": "PAID", "total": 20})
             assert await ws.recv() == {
-                "id": "1", "type": "next",
+                "id": "1",
+                "type": "next",
                 "payload": {"data": {"orderUpdated": {"id": "3"}}},
             }
 
@@ -144,7 +154,11 @@ async def test_unbound_schema_fields_are_warned_about(
     with caplog.at_level(logging.WARNING, logger="mycel.graphql"):
         async with typed_server(tmp_path):
             pass
-    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.name == "mycel.graphql"] == [
+    assert [
+        (r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name == "mycel.graphql"
+    ] == [
         (
             "WARNING",
             "connector 'gql': no flow publishes to Subscription field(s) unused; "
@@ -159,7 +173,8 @@ async def test_http_query_and_introspection(tmp_path: Path) -> None:
         answer = await http.post(url, json={"query": "{ _mycel }"})
         assert (answer.status_code, answer.json()) == (200, {"data": {"_mycel": True}})
         answer = await http.get(
-            url, params={"query": '{ __type(name: "Subscription") { fields { name } } }'}
+            url,
+            params={"query": '{ __type(name: "Subscription") { fields { name } } }'},
         )
         assert answer.json() == {
             "data": {
@@ -169,7 +184,11 @@ async def test_http_query_and_introspection(tmp_path: Path) -> None:
         answer = await http.post(url, json={"query": "subscription { unused }"})
         assert (answer.status_code, answer.json()) == (
             400,
-            {"errors": [{"message": "subscriptions are served over WebSocket on /graphql"}]},
+            {
+                "errors": [
+                    {"message": "subscriptions are served over WebSocket on /graphql"}
+                ]
+            },
         )
         answer = await http.post(url, content=b"{")
         assert answer.status_code == 400

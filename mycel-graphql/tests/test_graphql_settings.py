@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
-
 import mycel
 import mycel_graphql
+import pytest
 from mycel.testing import load_test_config
 from mycel_graphql import GraphqlSettings, subscription_document, websocket_url
 
@@ -69,7 +68,11 @@ def test_spec_example_loads() -> None:
     client = config.connectors["external_gql"].settings
     assert isinstance(server, GraphqlSettings)
     assert isinstance(client, GraphqlSettings)
-    assert (server.driver, server.port, server.ws_path) == ("server", 4000, "/graphql/ws")
+    assert (server.driver, server.port, server.ws_path) == (
+        "server",
+        4000,
+        "/graphql/ws",
+    )
     assert server.subscriptions.keepalive == 30.0
     assert client.driver == "client"
     assert websocket_url(client.endpoint or "", client.subscriptions.path) == (
@@ -194,11 +197,12 @@ flow "f" {
 
 def test_subscription_document() -> None:
     assert subscription_document("priceChanged", None) == (
-        "subscription { priceChanged }", "priceChanged"
+        "subscription { priceChanged }",
+        "priceChanged",
     )
     query = "subscription { p: priceChanged { sku } }"
     assert subscription_document("priceChanged", query) == (query, "p")
-    with pytest.raises(ValueError, match="^the query must hold exactly one "):
+    with pytest.raises(ValueError, match=r"^the query must hold exactly one "):
         subscription_document("priceChanged", "{ priceChanged }")
-    with pytest.raises(ValueError, match="^the query does not parse: Syntax Error"):
+    with pytest.raises(ValueError, match=r"^the query does not parse: Syntax Error"):
         subscription_document("priceChanged", "subscription {")

@@ -117,6 +117,7 @@ class Connection:
         self,
         server: Any,
         settings: GraphqlSettings,
+        *,
         scope: Mapping[str, Any],
         receive: Receive,
         send: Send,
@@ -466,12 +467,14 @@ def _subscribe_payload(
     if variables is not None and not isinstance(variables, dict):
         raise _Close(
             4400,
-            "\"subscribe\" message payload expects the 'variables' property to be an object or nullish or missing",
+            "\"subscribe\" message payload expects the 'variables' property to be "
+            "an object or nullish or missing",
         )
     name = payload.get("operationName")
     if name is not None and not isinstance(name, str):
         raise _Close(
             4400,
-            "\"subscribe\" message payload expects the 'operationName' property to be a string or nullish or missing",
+            "\"subscribe\" message payload expects the 'operationName' property to "
+            "be a string or nullish or missing",
         )
     return query, variables, name

@@ -214,7 +214,15 @@ class ServedSchema:
 
         # A query or mutation is answered once; a subscription names a field.
         if operation.operation != OperationType.SUBSCRIPTION:
-            return Plan(self, document, operation, variables, None, "", {})
+            return Plan(
+                self,
+                document,
+                operation=operation,
+                variables=variables,
+                field=None,
+                key="",
+                args={},
+            )
         node = operation.selection_set.selections[0]
         if not isinstance(node, FieldNode):
             return [{"message": "a subscription must select its field directly"}]
@@ -232,7 +240,15 @@ class ServedSchema:
         except GraphQLError as exc:
             return [dict(exc.formatted)]
         key = node.alias.value if node.alias else field_name
-        return Plan(self, document, operation, variables, field_name, key, args)
+        return Plan(
+            self,
+            document,
+            operation=operation,
+            variables=variables,
+            field=field_name,
+            key=key,
+            args=args,
+        )
 
 
 class Plan:
@@ -259,6 +275,7 @@ class Plan:
         self,
         served: ServedSchema,
         document: DocumentNode,
+        *,
         operation: OperationDefinitionNode,
         variables: Mapping[str, Any],
         field: str | None,

@@ -155,7 +155,14 @@ class GraphqlServer:
             return
 
         assert self.served is not None
-        connection = Connection(self, self.settings, scope, receive, send, protocol)
+        connection = Connection(
+            self,
+            self.settings,
+            scope=scope,
+            receive=receive,
+            send=send,
+            protocol=protocol,
+        )
         self.connections.add(connection)
         task = connection.task = asyncio.create_task(connection.run())
         try:
@@ -223,7 +230,8 @@ class GraphqlServer:
         ws_url = (
             "(() => { const u = new URL(fetchURL); "
             "u.protocol = u.protocol === 'https:' ? 'wss:' : 'ws:'; "
-            f"u.pathname = {json.dumps(self.settings.ws_path)}; return u.toString(); }})()"
+            f"u.pathname = {json.dumps(self.settings.ws_path)}; "
+            "return u.toString(); })()"
         )
         return html.replace(
             "const subscriptionUrl = httpUrlToWebSockeUrl(fetchURL);",
