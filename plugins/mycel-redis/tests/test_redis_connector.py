@@ -251,3 +251,31 @@ async def test_stopping_closes_the_connection(redis_url: str) -> None:
         assert await connector.client.ping() is True
     with pytest.raises(mycel.ConnectorError, match="connector 'r' is not started"):
         connector.client  # noqa: B018
+
+
+async def test_connections_are_named_after_the_connector(
+    redis_url: str, redis_client: Any
+) -> None:
+    config = f"""
+    connector "cache-1" {{ type = "redis"  url = "{redis_url}" }}
+    """
+    async with running(config) as app:
+        connector = app.connector("cache-1")
+        assert isinstance(connector, mycel_redis.RedisConnector)
+        info = await connector.client.client_info()
+    assert info["name"] == "mycel:cache-1"
+
+
+def test_client_name_with_spaces_is_a_configuration_error() -> None:
+    config = """
+    connector "r" {
+      type        = "redis"
+      client_name = "my app"
+    }
+    """
+    with pytest.raises(mycel.ConfigError) as caught:
+        load_test_config(config)
+    assert [str(p) for p in caught.value.problems] == [
+        "test.mycel:4: connector 'r': setting 'client_name' = 'my app': 'my app' has "
+        "spaces, which Redis refuses in client names; write it without.",
+    ]

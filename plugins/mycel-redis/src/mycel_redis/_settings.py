@@ -6,7 +6,7 @@ import socket
 from typing import Literal
 
 import mycel
-from pydantic import Field
+from pydantic import Field, field_validator
 
 __all__ = ["RedisFromOptions", "RedisSettings", "RedisToOptions"]
 
@@ -28,13 +28,23 @@ class RedisSettings(mycel.Settings):
     restarted process finds the entries it had read but not acknowledged;
     give each process reading the same group its own name."""
 
-    client_name: str | None = None
-    """Name of the connections in ``CLIENT LIST``; by default
+    client_name: str | None = Field(default=None, min_length=1)
+    """Name of the connections in ``CLIENT LIST`` (no spaces); by default
     ``mycel:`` followed by the connector's name."""
 
     timeout: mycel.Duration = Field(default=5.0, gt=0)
     """How long connecting, or a command, may take before the connection
     counts as lost. Blocking stream reads wait for half of it at most."""
+
+    @field_validator("client_name")
+    @classmethod
+    def _no_spaces(cls, value: str | None) -> str | None:
+        if value is not None and len(value.split()) != 1:
+            raise ValueError(
+                f"{value!r} has spaces, which Redis refuses in client names; "
+                "write it without"
+            )
+        return value
 
     batch: int = Field(default=100, ge=1)
     """Stream entries read per ``XREADGROUP`` call."""
