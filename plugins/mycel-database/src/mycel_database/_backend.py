@@ -65,10 +65,10 @@ class Backend(Protocol):
     async def table_info(self, table: TableName) -> TableInfo | None:
         """The table's columns, or None when there is no such table."""
 
-    def convert(self, column: Column, value: Any) -> Any:
-        """A payload value as the driver binds it to ``column``.
+    def converter(self, column: Column) -> Callable[[Any], Any] | None:
+        """How a payload value is bound to ``column``; None: as it is.
 
-        Raises ValueError with a message naming what is wrong.
+        The function raises ValueError with a message saying what is wrong.
 
         """
 

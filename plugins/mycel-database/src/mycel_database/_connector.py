@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from mycel import (
@@ -44,6 +45,30 @@ from ._sqlite import SqliteBackend
 from ._statement import Statement, TableName, TargetSpec, parse_target
 
 __all__ = ["DatabaseConnector"]
+
+_MAX_PLANS = 10_000
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How payloads with one set of keys become rows of one statement."""
+
+    statement: Statement
+    fields: tuple[tuple[str, Callable[[Any], Any] | None], ...]
+    info: TableInfo
+
+
+def _conversion_error(plan: _Plan, payload: Mapping[str, Any]) -> str:
+    # Find the field that failed again, to name it in the message.
+    for name, convert in plan.fields:
+        if convert is None:
+            continue
+        try:
+            convert(payload[name])
+        except ValueError as exc:
+            return f"table {str(plan.statement.table)!r} column {name!r}: {exc}"
+    return f"table {str(plan.statement.table)!r}: a value cannot be converted"
+
 
 _metrics: weakref.WeakKeyDictionary[CollectorRegistry, tuple[Counter, Counter]] = (
     weakref.WeakKeyDictionary()
@@ -101,6 +126,7 @@ class DatabaseConnector(Connector):
             )
         self._batcher = Batcher(self._backend, self._settings.batch_size)
         self._targets: dict[str, TargetSpec] = {}
+        self._plans: dict[tuple[Any, ...], _Plan] = {}
         self._tables: dict[TableName, asyncio.Task[TableInfo | None]] = {}
         batches, rows = _counters(self.services.metrics.registry)
         self._batches = batches.labels(self.name)
@@ -155,6 +181,50 @@ class DatabaseConnector(Connector):
         await self._backend.close()
 
     async def deliver(self, delivery: Delivery) -> None:
+        payload = delivery.payload
+        if not isinstance(payload, Mapping):
+            table = self._target(delivery.target).table
+            raise DeliveryError(
+                f"table {str(table)!r}: the payload must be an object, "
+                f"not {type(payload).__name__}",
+                permanent=True,
+            )
+
+        # How this shape of payload goes into its table, worked out once.
+        plan_key = (
+            delivery.target,
+            delivery.operation,
+            id(delivery.options),
+            tuple(payload),
+        )
+        plan = self._plans.get(plan_key)
+        if plan is None:
+            plan = await self._plan(delivery, payload)
+            if len(self._plans) >= _MAX_PLANS:
+                self._plans.clear()
+            self._plans[plan_key] = plan
+
+        # The row, converted for the driver.
+        try:
+            row = tuple(
+                payload[name] if convert is None else convert(payload[name])
+                for name, convert in plan.fields
+            )
+        except ValueError as exc:
+            raise DeliveryError(
+                _conversion_error(plan, payload), permanent=True
+            ) from exc
+
+        # Write it with whatever else is going into the same statement.
+        try:
+            await self._batcher.write(plan.statement, row)
+        except DeliveryError:
+            # The table may have changed under us: read its columns again.
+            self._tables.pop(plan.statement.table, None)
+            self._plans.clear()
+            raise
+
+    async def _plan(self, delivery: Delivery, payload: Mapping[str, Any]) -> _Plan:
         # Which table, and insert or upsert.
         spec = self._target(delivery.target)
         table = spec.table
@@ -164,36 +234,17 @@ class DatabaseConnector(Connector):
                 f"operation 'upsert' contradicts target {delivery.target!r}",
                 permanent=True,
             )
-        payload = delivery.payload
-        if not isinstance(payload, Mapping):
-            raise DeliveryError(
-                f"table {str(table)!r}: the payload must be an object, "
-                f"not {type(payload).__name__}",
-                permanent=True,
-            )
 
-        # Map the payload's keys on the table's columns.
+        # Map the payload's keys on the table's columns, in table order.
         info = await self._table_info(table, payload)
         columns = tuple(name for name in info.columns if name in payload)
         key: tuple[str, ...] = ()
         if verb == "upsert":
             key = self._conflict_key(info, delivery.options)
-        row = []
-        for name in columns:
-            try:
-                row.append(self._backend.convert(info.columns[name], payload[name]))
-            except ValueError as exc:
-                raise DeliveryError(
-                    f"table {str(table)!r} column {name!r}: {exc}", permanent=True
-                ) from exc
-
-        # Write it with whatever else is going into the same statement.
-        statement = Statement(table, verb, columns, key)
-        try:
-            await self._batcher.write(statement, tuple(row))
-        except DeliveryError:
-            self._tables.pop(table, None)
-            raise
+        fields = tuple(
+            (name, self._backend.converter(info.columns[name])) for name in columns
+        )
+        return _Plan(Statement(table, verb, columns, key), fields, info)
 
     def _target(self, target: str | None) -> TargetSpec:
         spec = self._targets.get(target or "")

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import datetime as dt
 import decimal
+import functools
 import json
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -48,6 +49,8 @@ ORDER BY array_position(i.indkey, a.attnum)
 # the same rows again gives the same answer.
 _PERMANENT_CLASSES = {"22", "23", "42", "2B", "44"}
 
+# Column types whose values asyncpg takes from the payload as they are.
+_AS_IS = {"json", "jsonb", "array"}
 _INTEGERS = {"int2", "int4", "int8"}
 _FLOATS = {"float4", "float8"}
 _TEXT = {"text", "varchar", "bpchar", "name", "citext"}
@@ -112,8 +115,10 @@ class PostgresBackend:
         }
         return TableInfo(table, columns, tuple(r["attname"] for r in key))
 
-    def convert(self, column: Column, value: Any) -> Any:
-        return _convert(column.type, value)
+    def converter(self, column: Column) -> Callable[[Any], Any] | None:
+        if column.type in _AS_IS:
+            return None
+        return functools.partial(_convert, column.type)
 
     async def write(
         self, statement: Statement, rows: Sequence[tuple[Any, ...]]

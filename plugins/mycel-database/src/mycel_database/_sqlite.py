@@ -101,14 +101,8 @@ class SqliteBackend:
         key = tuple(r[1] for r in sorted(rows, key=lambda r: r[5]) if r[5] > 0)
         return TableInfo(table, columns, key)
 
-    def convert(self, column: Column, value: Any) -> Any:
-        if isinstance(value, dict | list):
-            return json.dumps(value, default=str, separators=(",", ":"))
-        if isinstance(value, dt.date | dt.time):
-            return value.isoformat()
-        if isinstance(value, decimal.Decimal | uuid.UUID):
-            return str(value)
-        return value
+    def converter(self, column: Column) -> Callable[[Any], Any] | None:
+        return _convert
 
     async def write(
         self, statement: Statement, rows: Sequence[tuple[Any, ...]]
@@ -143,3 +137,14 @@ class SqliteBackend:
                 f"table {str(statement.table)!r}: {text}",
                 permanent=any(part in text for part in _PERMANENT_TEXTS),
             ) from exc
+
+
+def _convert(value: Any) -> Any:
+    """A payload value as SQLite stores it (see the module docstring)."""
+    if isinstance(value, dict | list):
+        return json.dumps(value, default=str, separators=(",", ":"))
+    if isinstance(value, dt.date | dt.time):
+        return value.isoformat()
+    if isinstance(value, decimal.Decimal | uuid.UUID):
+        return str(value)
+    return value
