@@ -231,6 +231,8 @@ class FaultProxy:
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.faults: list[int] = []
+        self.item_faults: list[int] = []
+        self.bulk_sizes: list[int] = []
         self.headers: list[dict[str, str]] = []
         self.server = AsgiServer(
             Starlette(
@@ -266,19 +268,34 @@ class FaultProxy:
                 status_code=status,
                 media_type="application/json",
             )
+        body = await request.body()
+        if request.url.path == "/_bulk":
+            self.bulk_sizes.append(body.count(b'"_index"'))
         async with httpx.AsyncClient() as client:
             answer = await client.request(
                 request.method,
                 self.upstream + request.url.path,
                 params=request.query_params,
-                content=await request.body(),
+                content=body,
                 headers={
                     k: v for k, v in request.headers.items() if k == "content-type"
                 },
             )
-        return Response(
-            answer.content, answer.status_code, media_type="application/json"
-        )
+        content = answer.content
+        if request.url.path == "/_bulk" and self.item_faults:
+            # The server took the document, but the answer says it did not:
+            # the resend must be of that document alone, and harmless.
+            status = self.item_faults.pop(0)
+            data = answer.json()
+            item = next(iter(data["items"][0].values()))
+            item["status"] = status
+            item["error"] = {
+                "type": "es_rejected_execution_exception",
+                "reason": "busy",
+            }
+            data["errors"] = True
+            content = json.dumps(data).encode()
+        return Response(content, answer.status_code, media_type="application/json")
 
 
 @pytest.fixture
@@ -391,3 +408,39 @@ def test_a_bad_id_expression_is_a_configuration_error() -> None:
     with pytest.raises(ConfigError) as caught:
         load_test_config(text)
     assert "flow 'f': id: " in str(caught.value)
+
+
+async def test_a_document_answered_429_is_resent_alone(
+    search_url: str, proxy: FaultProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    proxy.item_faults = [429]
+    flows = SYNC_TO_ELASTIC.replace(
+        'flow "sync_to_elastic" {', 'flow "sync_to_elastic" {\n concurrency = 8'
+    )
+    extra = 'retry_delay = "10ms"\n flush_interval = "5s"\n batch_size = 3'
+    with caplog.at_level(logging.WARNING, "mycel.elasticsearch"):
+        async with running(es_config(proxy.url, flows, extra)) as app:
+            for i in range(3):
+                await app.publish("rabbit", "orders.created", {"id": i})
+            assert await settle(app) == []
+    assert proxy.bulk_sizes == [3, 1]
+    assert [r.getMessage() for r in caplog.records] == [
+        "bulk: 1 of 3 documents not accepted (status 429: "
+        "es_rejected_execution_exception: busy); resending in 0.01s"
+    ]
+    assert await count(search_url, "orders") == 3
+
+
+async def test_flush_interval_gathers_a_partial_batch(
+    search_url: str, proxy: FaultProxy
+) -> None:
+    flows = SYNC_TO_ELASTIC.replace(
+        'flow "sync_to_elastic" {', 'flow "sync_to_elastic" {\n concurrency = 8'
+    )
+    extra = 'flush_interval = "300ms"\n batch_size = 100'
+    async with running(es_config(proxy.url, flows, extra)) as app:
+        for i in range(5):
+            await app.publish("rabbit", "orders.created", {"id": i})
+        assert await settle(app) == []
+    assert proxy.bulk_sizes == [5]
+    assert await count(search_url, "orders") == 5
