@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from decimal import Decimal
 from typing import Any
 
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
 
 __all__ = ["decode_body", "encode_payload", "envelope", "plain"]
 
@@ -86,17 +86,19 @@ def plain(value: Any) -> Any:
     return str(value)
 
 
-def envelope(message: AbstractIncomingMessage, queue: str) -> dict[str, Any]:
+def envelope(message: DeliveredMessage, queue: str) -> dict[str, Any]:
     """What ``context.message`` holds for one delivered message."""
-    timestamp = message.timestamp
+    properties = message.header.properties
+    timestamp = properties.timestamp
+    headers = properties.headers
     return {
         "routing_key": message.routing_key or "",
         "exchange": message.exchange or "",
         "queue": queue,
-        "headers": plain(dict(message.headers or {})),
-        "message_id": message.message_id,
-        "correlation_id": message.correlation_id,
-        "content_type": message.content_type,
+        "headers": plain(headers) if headers else {},
+        "message_id": properties.message_id,
+        "correlation_id": properties.correlation_id,
+        "content_type": properties.content_type,
         "redelivered": bool(message.redelivered),
         "timestamp": timestamp.isoformat() if timestamp is not None else None,
     }
