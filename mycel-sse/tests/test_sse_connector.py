@@ -61,6 +61,12 @@ def event_id(app: object, number: int) -> str:
     return f"{connector.epoch}-{number}"
 
 
+def sample(app: object, name: str, **labels: str) -> float | None:
+    registry = app.runtime.metrics.registry  # type: ignore[attr-defined]
+    value: float | None = registry.get_sample_value(name, labels)
+    return value
+
+
 async def publish(app: object, topic: str, payload: object) -> None:
     await app.publish("mem", topic, payload)  # type: ignore[attr-defined]
     await app.memory("mem").drain()  # type: ignore[attr-defined]
@@ -209,6 +215,8 @@ async def test_replay_applies_the_filter_of_each_event_to_the_new_client() -> No
         async with open_stream(f"{url}/events/orders?user_id=1") as first:
             await publish(app, "orders", {"user_id": 1, "n": 1})
             seen = await first.event()
+        hub = app.connector("sse").services.hub
+        await eventually(lambda: not hub.subscribers)
         await publish(app, "orders", {"user_id": 2, "n": 2})
         await publish(app, "orders", {"user_id": 1, "n": 3})
         headers = {"Last-Event-ID": seen.id or ""}
@@ -216,7 +224,12 @@ async def test_replay_applies_the_filter_of_each_event_to_the_new_client() -> No
             replayed = await again.event()
             await publish(app, "orders", {"user_id": 1, "n": 4})
             live = await again.event()
+        labels = {"flow": "orders", "connector": "sse"}
+        deliveries = sample(app, "mycel_subscriber_deliveries_total", **labels)
+        dropped = sample(app, "mycel_filter_dropped_total", **labels)
     assert seen.id == event_id(app, 1)
+    # Live 1, replayed 3 and live 4 were sent; replayed 2 was filtered out.
+    assert (deliveries, dropped) == (3.0, 1.0)
     assert (replayed.id, json.loads(replayed.data)["n"]) == (event_id(app, 3), 3)
     assert (live.id, json.loads(live.data)["n"]) == (event_id(app, 4), 4)
 
@@ -441,6 +454,8 @@ async def test_client_that_does_not_read_is_dropped_and_others_get_everything(
             assert len(hub.subscribers) == 1
             await publish(app, "prices", {"n": sent + 1, "pad": ""})
             last = await fast.event()
+            drops = sample(app, "mycel_slow_consumers_dropped_total", connector="sse")
+            assert drops == 1.0
 
         # The silent client's connection is closed: reading reaches the end.
         async with asyncio.timeout(10):

@@ -89,18 +89,21 @@ def test_replay_merges_histories_in_id_order_and_filters_each_event() -> None:
     broadcasts.append(entry(6))
     stream.append(entry(7, filter=big))  # fails to evaluate: counts as false
     context = {"params": {"user_id": "1"}}
-    gap, entries = replay([stream, broadcasts], 1, context, now=0.0)
-    assert (gap, [e.number for e in entries]) == (False, [2, 4, 5, 6])
+    found = replay([stream, broadcasts], 1, context, now=0.0)
+    assert found.gap is False
+    assert [e.number for e in found.entries] == [2, 4, 5, 6]
+    assert found.counts == {"": (4, 1, 1)}
 
 
 def test_passes_compares_indexed_equality_as_text() -> None:
     source = "input.user_id == context.params.user_id"
     indexed = Filter(Expression(source), IndexedEquality.detect(source))
     message = Message("s", {"user_id": 123}, {})
-    assert passes(indexed, message, {"params": {"user_id": "123"}})
-    assert not passes(indexed, message, {"params": {"user_id": "124"}})
-    assert not passes(indexed, message, {"params": {}})
-    assert passes(None, message, {})
+    assert passes(indexed, message, {"params": {"user_id": "123"}}) is True
+    assert passes(indexed, message, {"params": {"user_id": "124"}}) is False
+    assert passes(indexed, message, {"params": {}}) is False
+    assert passes(indexed, Message("s", {}, {}), {"params": {}}) is None
+    assert passes(None, message, {}) is True
 
 
 def test_event_encoding() -> None:

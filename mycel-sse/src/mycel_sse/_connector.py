@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextvars import ContextVar
 from typing import Any, ClassVar
 
@@ -97,11 +97,23 @@ _QUIET_CUT = _QuietCut()
 class _Client:
     """One connected client: its subscriber and what its writer is doing."""
 
-    __slots__ = ("cancel", "connector", "cut", "sending", "since", "stream", "sub")
+    __slots__ = (
+        "cancel",
+        "connector",
+        "count_drop",
+        "cut",
+        "sending",
+        "since",
+        "stream",
+        "sub",
+    )
 
-    def __init__(self, connector: str, stream: str | None) -> None:
+    def __init__(
+        self, connector: str, stream: str | None, count_drop: Callable[[], None]
+    ) -> None:
         self.connector = connector
         self.stream = stream
+        self.count_drop = count_drop
         self.sub: Subscriber | None = None
         self.sending = 0
         self.since = 0.0
@@ -109,7 +121,8 @@ class _Client:
         self.cancel: anyio.CancelScope | None = None
 
     def drop(self, reason: str) -> None:
-        """Log why the client goes; cut its stream if it is stuck sending."""
+        """Log and count why the client goes; cut it if stuck sending."""
+        self.count_drop()
         logger.warning(
             "connector %r: dropped client %d of %s: %s",
             self.connector,
@@ -224,6 +237,7 @@ class SseConnector(Connector):
         self._server: AsgiServer | None = None
         self._clients: set[_Client] = set()
         self._watchdog: asyncio.Task[None] | None = None
+        self._count_drop = self.services.metrics.slow_dropped.labels(self.name).inc
 
     @property
     def port(self) -> int:
@@ -385,7 +399,7 @@ class SseConnector(Connector):
         # Subscribe first, then read the history: nothing published in
         # between, since neither step waits, so no event is lost or doubled.
         context = self.subscriber_context(request, stream)
-        client = _Client(self.name, stream)
+        client = _Client(self.name, stream, self._count_drop)
         sub = self.services.hub.subscribe(
             context,
             () if stream is None else (stream,),
@@ -424,10 +438,12 @@ class SseConnector(Connector):
             head.append(encode_gap(last_event_id, "unknown"))
         keys = (None,) if stream is None else (stream, None)
         histories = [self._histories[key] for key in keys if key in self._histories]
-        gap, entries = replay(histories, number or 0, context)
-        if gap and number is not None:
+        found = replay(histories, number or 0, context)
+        if found.gap and number is not None:
             head.append(encode_gap(last_event_id, "expired"))
-        head.extend(entry.message.cache["sse"] for entry in entries)
+        head.extend(entry.message.cache["sse"] for entry in found.entries)
+        for flow, (sent, filtered, failed) in found.counts.items():
+            self.services.metrics.fan_out(flow, self.name, sent, filtered, failed)
         return head
 
 

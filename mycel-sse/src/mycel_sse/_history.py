@@ -31,7 +31,7 @@ import json
 import secrets
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from datetime import time as time_of_day
@@ -47,6 +47,7 @@ __all__ = [
     "Entry",
     "EventIds",
     "History",
+    "Replay",
     "encode_comment",
     "encode_event",
     "encode_gap",
@@ -142,25 +143,44 @@ class History:
         return self.dropped > number, kept
 
 
-def passes(filter: Filter | None, message: Message, context: Mapping[str, Any]) -> bool:
+def passes(
+    filter: Filter | None, message: Message, context: Mapping[str, Any]
+) -> bool | None:
     """Whether ``filter`` lets ``message`` through to a client with ``context``.
 
     The same decision the hub takes for a live event: an indexed equality
-    compares texts, any other filter is evaluated and fails closed.
+    compares texts, any other filter is evaluated. None (false) when the
+    evaluation failed, so that callers can count it.
 
     """
     if filter is None:
         return True
     if filter.indexed is not None:
         wanted = filter.indexed.context_value(context)
-        return wanted is not None and wanted == filter.indexed.event_value(
-            message.input, message.payload
-        )
+        value = filter.indexed.event_value(message.input, message.payload)
+        if value is None:
+            return None
+        return wanted is not None and wanted == value
     variables = {"input": message.input, "output": message.payload, "context": context}
     try:
         return filter.expression.evaluate(variables) is True
     except ExpressionError:
-        return False
+        return None
+
+
+@dataclass
+class Replay:
+    """What a reconnecting client gets from the history.
+
+    ``gap`` tells whether some event after its last id is no longer kept;
+    ``entries`` are the kept ones its filters pass, in id order; ``counts``
+    maps each flow to (sent, filtered, failed) for the metrics.
+
+    """
+
+    gap: bool
+    entries: list[Entry]
+    counts: dict[str, tuple[int, int, int]]
 
 
 def replay(
@@ -168,13 +188,8 @@ def replay(
     number: int,
     context: Mapping[str, Any],
     now: float | None = None,
-) -> tuple[bool, Iterator[Entry]]:
-    """Kept events after ``number`` that pass their filters, in id order.
-
-    The first item tells whether some event after ``number`` is no longer
-    kept (the gap), in any of ``histories``.
-
-    """
+) -> Replay:
+    """Kept events after ``number`` of ``histories`` for a client; see Replay."""
     now = time.monotonic() if now is None else now
     gap = False
     lists = []
@@ -182,8 +197,21 @@ def replay(
         lost, kept = history.after(number, now)
         gap = gap or lost
         lists.append(kept)
-    merged = heapq.merge(*lists, key=lambda entry: entry.number)
-    return gap, (e for e in merged if passes(e.filter, e.message, context))
+
+    entries: list[Entry] = []
+    counts: dict[str, tuple[int, int, int]] = {}
+    for entry in heapq.merge(*lists, key=lambda entry: entry.number):
+        verdict = passes(entry.filter, entry.message, context)
+        sent, filtered, failed = counts.get(entry.message.flow, (0, 0, 0))
+        if verdict:
+            entries.append(entry)
+            sent += 1
+        elif verdict is None:
+            failed += 1
+        else:
+            filtered += 1
+        counts[entry.message.flow] = (sent, filtered, failed)
+    return Replay(gap, entries, counts)
 
 
 def _json_default(value: Any) -> Any:
