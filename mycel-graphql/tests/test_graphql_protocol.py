@@ -7,8 +7,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import mycel_graphql._protocol
+import pytest
 import websockets
 from mycel.testing import App, eventually, free_port, running
+from mycel_graphql import GraphqlConnector
 
 from testsupport.graphql import RawSocket, raw_socket
 
@@ -315,6 +318,45 @@ async def test_slow_subscriber_is_dropped_without_slowing_others() -> None:
                     "slow consumer: send queue full (5 messages)",
                 )
                 break
+
+
+async def test_peer_that_reads_nothing_is_aborted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(mycel_graphql._protocol, "DROP_TIMEOUT", 0.2)
+    big = "y" * 256_000
+    port = free_port()
+    config = FLOWS.format(
+        port=port, extra="queue_size = 2", init_timeout="3s", keepalive="0s"
+    )
+    url = f"ws://127.0.0.1:{port}/graphql/ws"
+    async with (
+        running(config) as app,
+        websockets.connect(
+            url,
+            subprotocols=["graphql-transport-ws"],  # type: ignore[list-item]
+            max_queue=1,
+            compression=None,
+            close_timeout=0.5,
+        ) as stuck_connection,
+    ):
+        stuck = RawSocket(stuck_connection)
+        await stuck.init()
+        await stuck.send(SUBSCRIBE_PRICES)
+        await subscribers(app, "priceChanged", 1)
+        gql = app.connector("gql")
+        assert isinstance(gql, GraphqlConnector) and gql.server is not None
+        (sub,) = app.connector("gql").services.hub.subscribers
+
+        # Publish until the hub drops it; it never reads, so it is aborted.
+        sent = 0
+        while not sub.closed:
+            assert sent < 400, "the stuck subscriber was never dropped"
+            await app.publish("mem", "prices", {"n": sent, "big": big})
+            await app.memory("mem").drain()
+            sent += 1
+        server = gql.server
+        await eventually(lambda: not server.connections)
 
 
 async def test_legacy_protocol_by_hand() -> None:
