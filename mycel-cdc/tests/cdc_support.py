@@ -64,7 +64,9 @@ def flow(name: str, operation: str, target: str, extra: str = "") -> str:
     )
 
 
-async def take(queue: asyncio.Queue[Any], count: int, timeout: float = 10.0) -> list[Any]:
+async def take(
+    queue: asyncio.Queue[Any], count: int, timeout: float = 10.0
+) -> list[Any]:
     """The next ``count`` payloads from a memory listener queue."""
     items = []
     for _ in range(count):

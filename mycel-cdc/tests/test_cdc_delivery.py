@@ -17,6 +17,7 @@ from cdc_support import (
 )
 from mycel.testing import eventually, running
 from mycel_cdc import CdcConnector, parse_lsn
+
 from testsupport.postgres import start_logical_cluster
 
 
@@ -127,7 +128,9 @@ async def test_quiet_slot_advances_past_unrelated_writes(pg_logical_database):
     async with running(config):
         start = await slot_confirmed(dsn, slot)
         await execute(
-            dsn, "INSERT INTO other (v) SELECT repeat('x', 100) FROM generate_series(1, 2000)"
+            dsn,
+            "INSERT INTO other (v) "
+            "SELECT repeat('x', 100) FROM generate_series(1, 2000)",
         )
         [(written,)] = await query(dsn, "SELECT pg_current_wal_lsn()::text")
 

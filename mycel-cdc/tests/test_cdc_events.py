@@ -254,7 +254,9 @@ async def test_operations_route_each_change_to_its_flows(pg_logical_database):
         changes = await take(everything, 3)
 
     assert (product["id"], product["_table"], product["_schema"]) == (
-        7, "products", "shop"
+        7,
+        "products",
+        "shop",
     )
     assert without_meta(truncate) == {
         "_operation": "TRUNCATE", "_table": "orders", "_schema": "public",
@@ -263,7 +265,9 @@ async def test_operations_route_each_change_to_its_flows(pg_logical_database):
     }  # fmt: skip
     assert (insert["_operation"], insert["total"]) == ("INSERT", 10)
     assert [(c["_operation"], c.get("total")) for c in changes] == [
-        ("INSERT", 10), ("UPDATE", 11), ("DELETE", None)
+        ("INSERT", 10),
+        ("UPDATE", 11),
+        ("DELETE", None),
     ]
     # Nothing else arrived: the truncate is not part of orders.*.
     assert inserts.empty() and everything.empty() and products.empty()

@@ -8,6 +8,7 @@ import pytest
 from cdc_support import cdc_block, execute, flow, query, unique
 from mycel import ConfigError, ConnectorError
 from mycel.testing import eventually, load_test_config, running
+
 from testsupport.base import port_open, service_unavailable
 
 
@@ -177,7 +178,9 @@ async def test_slot_used_by_another_consumer_is_an_error(
 
         await eventually(active, timeout=10)
         [(pid,)] = await query(
-            dsn, "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s", slot
+            dsn,
+            "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+            slot,
         )
         config = cdc_block(dsn, ["orders"], slot) + flow("f", "orders.*", "o")
         with pytest.raises(ConnectorError) as caught:

@@ -8,7 +8,13 @@ from mycel_cdc._types import array_converter, scalar_converter
 def test_flat_array_with_null_and_quoted_elements():
     text = r'{plain,"with space","com,ma","quo\"te","back\\slash",NULL,"NULL"}'
     assert parse_array(text) == [
-        "plain", "with space", "com,ma", 'quo"te', "back\\slash", None, "NULL",
+        "plain",
+        "with space",
+        "com,ma",
+        'quo"te',
+        "back\\slash",
+        None,
+        "NULL",
     ]
 
 

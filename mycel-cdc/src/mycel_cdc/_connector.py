@@ -8,10 +8,11 @@ Three tasks share one replication session:
 - the processor hands each event, in order, to every flow bound to its
   table and operation, and advances the confirmed position when it reaches
   a mark: only once everything before the mark has finished;
-- the status sender reports the confirmed position to the server every
+- the status sender reports the confirmed position to the server soon
+  after it moves (at most every 20 ms) and at least every
   ``status_interval`` (and the reader does so whenever the server asks),
-  so that the connection stays up and the server can recycle WAL, also
-  on a quiet database.
+  so that the connection stays up, the server can recycle WAL, also on a
+  quiet database, and a restart after a crash repeats little.
 
 When the session breaks (PostgreSQL restarts, the network drops), the
 reader reconnects with capped exponential backoff and resumes from the
@@ -31,6 +32,7 @@ the replication lag metric grows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import struct
@@ -73,6 +75,9 @@ _RETRY_MAX = 30.0
 _RECONNECT_FIRST = 0.5
 _RECONNECT_MAX = 30.0
 _ROW_OPERATIONS = ("INSERT", "UPDATE", "DELETE")
+_FEEDBACK_GAP = 0.02
+"""Least time between two status updates: a moving position is reported
+about this often, so that a restart after a crash repeats little."""
 
 
 def _default_name(connector: str) -> str:
@@ -112,6 +117,7 @@ class CdcConnector(Connector):
         )
         self._generation = 0
         self._stopping = asyncio.Event()
+        self._advanced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._lag = services.metrics.replication_lag.labels(name)
 
@@ -310,6 +316,9 @@ class CdcConnector(Connector):
                 if len(batch) >= _BATCH:
                     await queue.put((generation, batch))
                     batch = []
+                    # A backlog never makes the socket wait: let the other
+                    # tasks (and connectors) run between batches.
+                    await asyncio.sleep(0)
             elif tag == 107:  # "k": keepalive
                 wal_end, _, reply = _KEEPALIVE.unpack_from(data, 1)
                 self._server_end = max(self._server_end, wal_end)
@@ -324,11 +333,17 @@ class CdcConnector(Connector):
     async def _process_loop(self) -> None:
         while True:
             generation, batch = await self._queue.get()
+            # Flows that finish without waiting would never let the loop
+            # run otherwise: yield once per batch.
+            await asyncio.sleep(0)
             for item in batch:
                 if generation != self._generation:
                     break  # from a broken session: it is being sent again
                 if type(item) is int:
-                    self.confirmed = max(self.confirmed, item)
+                    if item > self.confirmed:
+                        self.confirmed = item
+                        if not self._advanced.is_set():
+                            self._advanced.set()
                     continue
                 if self._stopping.is_set():
                     return
@@ -377,15 +392,20 @@ class CdcConnector(Connector):
             raise asyncio.CancelledError  # shutting down: redelivered next run
 
     async def _status_loop(self) -> None:
+        # Report soon after the position moves, and every status_interval
+        # regardless, so that the server never waits too long for word.
         interval = self._settings.status_interval
         while True:
-            await asyncio.sleep(interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._advanced.wait(), interval)
+            self._advanced.clear()
             stream = self._stream
             if stream is not None and not stream.closed:
                 try:
                     await self._send_status(stream)
                 except StreamClosed as exc:
                     logger.debug("connector %r: status not sent: %s", self.name, exc)
+            await asyncio.sleep(min(_FEEDBACK_GAP, interval))
 
     async def _send_status(self, stream: ReplicationStream) -> None:
         await stream.send_status(max(self._received, self.confirmed), self.confirmed)

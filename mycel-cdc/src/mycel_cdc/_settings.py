@@ -48,8 +48,9 @@ class CdcSettings(Settings):
     """Publication; default ``mycel_<connector name>``. Created if missing."""
 
     status_interval: Duration = Field(default=10.0, gt=0)
-    """How often the confirmed position is reported to the server at most
-    apart; keep it well below the server's ``wal_sender_timeout``."""
+    """Longest time between two status updates to the server (a moving
+    position is reported sooner); keep it well below the server's
+    ``wal_sender_timeout``."""
 
     @field_validator("tables")
     @classmethod
