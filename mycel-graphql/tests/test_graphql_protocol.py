@@ -250,6 +250,31 @@ async def test_close_4400_on_subscribe_without_id() -> None:
         )
 
 
+async def test_close_4403_when_the_connection_context_refuses(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Stands in for an auth block: only connections with a token get in.
+    original = mycel_graphql._protocol.connection_context
+
+    def guarded(params: Any, headers: Any) -> dict[str, Any] | None:
+        return original(params, headers) if params.get("token") == "ok" else None
+
+    monkeypatch.setattr(mycel_graphql._protocol, "connection_context", guarded)
+    async with server() as (_, url):
+        async with raw_socket(url) as ws:
+            assert await ws.init({"token": "ok"}) == {"type": "connection_ack"}
+        async with raw_socket(url) as ws:
+            await ws.send({"type": "connection_init", "payload": {"token": "no"}})
+            assert await ws.closed() == (4403, "Forbidden")
+        async with raw_socket(url, "graphql-ws") as ws:
+            await ws.send({"type": "connection_init", "payload": {}})
+            assert await ws.recv() == {
+                "type": "connection_error",
+                "payload": {"message": "Forbidden"},
+            }
+            assert await ws.closed() == (1011, "Forbidden")
+
+
 async def test_close_4406_without_a_known_subprotocol() -> None:
     async with server() as (_, url), raw_socket(url, protocol=None) as ws:
         assert await ws.closed() == (4406, "Subprotocol not acceptable")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ._client import GraphqlClient, subscription_document, websocket_url
 from ._connector import GraphqlConnector
-from ._protocol import choose_subprotocol, subscriber_context
+from ._protocol import choose_subprotocol, connection_context
 from ._server import GraphqlServer
 from ._settings import (
     ClientFromOptions,
@@ -28,7 +28,7 @@ __all__ = [
     "ReconnectSettings",
     "SubscriptionSettings",
     "choose_subprotocol",
-    "subscriber_context",
+    "connection_context",
     "subscription_document",
     "websocket_url",
 ]

@@ -6,7 +6,7 @@ its whole message set and close codes:
 ==== ==========================================================
 4400 a message that is not JSON, not of the protocol, or malformed
 4401 ``subscribe`` before the connection was acknowledged
-4403 the connection was refused by :func:`subscriber_context`
+4403 the connection was refused by :func:`connection_context`
 4406 no subprotocol this server speaks was offered
 4408 no ``connection_init`` within ``connection_init_timeout``
 4409 a ``subscribe`` whose id is already in use
@@ -19,7 +19,7 @@ for older clients: ``connection_init``/``start``/``stop``/
 ``ka``/``data``/``error``/``complete`` out.
 
 Each subscription is one :class:`mycel.Subscriber` of the connector's hub,
-whose context (see :func:`subscriber_context`) holds the
+whose context (see :func:`connection_context`) holds the
 ``connection_init`` payload, so that a ``to`` block's filter is evaluated
 per subscription by the hub. A writer task per subscription sends what the
 hub queued; the ``payload`` part of the message is encoded once per event
@@ -48,7 +48,7 @@ __all__ = [
     "GRAPHQL_WS",
     "Connection",
     "choose_subprotocol",
-    "subscriber_context",
+    "connection_context",
 ]
 
 logger = logging.getLogger("mycel.graphql")
@@ -78,26 +78,22 @@ def choose_subprotocol(offered: list[str]) -> str | None:
     return None
 
 
-def subscriber_context(
-    connection_params: Mapping[str, Any],
-    headers: Mapping[str, str],
-    field: str,
-    args: Mapping[str, Any],
+def connection_context(
+    connection_params: Mapping[str, Any], headers: Mapping[str, str]
 ) -> dict[str, Any] | None:
-    """The ``context`` a ``to`` filter sees for one subscription.
+    """The ``context`` of one connection, built once at ``connection_init``.
 
     ``connection_params`` is the ``connection_init`` payload, ``headers``
-    the handshake's headers (lowercase names, without Authorization and
-    Cookie), ``args`` the subscription field's arguments. Returning None
-    refuses the connection (4403); this is where an ``auth`` block will
-    verify credentials and add claims.
+    the handshake's headers (lowercase names). Returning None refuses the
+    connection (4403 in graphql-transport-ws, ``connection_error`` in
+    graphql-ws); this is where an ``auth`` block will verify credentials
+    and add claims. Each subscription's context is this one plus
+    ``operation`` and ``args``.
 
     """
     return {
         "connection_params": dict(connection_params),
         "headers": {k: v for k, v in headers.items() if k not in _HIDDEN_HEADERS},
-        "operation": f"Subscription.{field}",
-        "args": dict(args),
     }
 
 
@@ -133,7 +129,7 @@ class Connection:
             for k, v in scope.get("headers", ())
         }
         self.client = scope.get("client")
-        self.connection_params: dict[str, Any] = {}
+        self.context: dict[str, Any] | None = None
         self.init_received = False
         self.acknowledged = False
         self.closed = False
@@ -324,9 +320,8 @@ class Connection:
         await self.send_json(message)
 
     def _accept_connection(self, params: dict[str, Any]) -> bool:
-        # The context itself is built per subscription; this only decides.
-        self.connection_params = params
-        return subscriber_context(params, self.headers, "", {}) is not None
+        self.context = connection_context(params, self.headers)
+        return self.context is not None
 
     def _start_keepalive(self) -> None:
         if self.settings.subscriptions.keepalive > 0:
@@ -351,11 +346,12 @@ class Connection:
             await self.send_json(self._next(op_id, result))
             await self.send_json({"id": op_id, "type": "complete"})
             return
-        context = subscriber_context(
-            self.connection_params, self.headers, plan.field, plan.args
-        )
-        if context is None:
-            raise _Close(4403, "Forbidden")
+        assert self.context is not None, "subscribe before acknowledgement"
+        context = {
+            **self.context,
+            "operation": f"Subscription.{plan.field}",
+            "args": plan.args,
+        }
         sub = self.server.hub.subscribe(
             context,
             (plan.field,),
