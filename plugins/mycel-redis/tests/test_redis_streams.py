@@ -310,3 +310,76 @@ async def test_shutdown_lets_entries_in_flight_finish_and_acknowledges_them(
         gate.open.set()
         assert await stopping is True
     assert await _pending(redis_client, stream, "work") == 0
+
+
+async def test_reading_goes_on_after_the_connection_is_killed(
+    redis_url: str,
+    redis_client: Any,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stream = redis_prefix + "in"
+    config = _config(
+        redis_url,
+        f"""
+        flow "f" {{
+          from {{ connector = "r"  operation = "stream:{stream}" }}
+          to   {{ connector = "bus"  target = "out" }}
+        }}
+        """,
+        settings=f'client_name = "{redis_prefix}c"\n reconnect_delay = "10ms"',
+    )
+    caplog.set_level(logging.WARNING, logger="mycel.redis")
+    async with running(config) as app:
+        out = app.listen("bus", "out")
+        await redis_client.xadd(stream, {"data": '{"n": 1}'})
+        assert await asyncio.wait_for(out.get(), 5) == ("out", {"n": 1})
+
+        # Cut every connection of the connector, the blocked read included.
+        clients = await redis_client.client_list()
+        ours = [c["id"] for c in clients if c["name"] == redis_prefix + "c"]
+        assert ours
+        for client_id in ours:
+            await redis_client.client_kill_filter(_id=client_id)
+
+        await redis_client.xadd(stream, {"data": '{"n": 2}'})
+        assert await asyncio.wait_for(out.get(), 10) == ("out", {"n": 2})
+        await eventually(lambda: _settled(redis_client, stream, "f"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert [w.split(": ")[0] for w in warnings] == [f"stream {stream!r}"]
+    assert warnings[0].startswith(
+        f"stream {stream!r}: connection lost, reading again in 0.01s: "
+    )
+
+
+async def test_a_deleted_stream_gets_its_group_back(
+    redis_url: str,
+    redis_client: Any,
+    redis_prefix: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    stream = redis_prefix + "in"
+    config = _config(
+        redis_url,
+        f"""
+        flow "f" {{
+          from {{ connector = "r"  operation = "stream:{stream}"  start = "beginning" }}
+          to   {{ connector = "bus"  target = "out" }}
+        }}
+        """,
+        settings='timeout = "1s"',
+    )
+    caplog.set_level(logging.WARNING, logger="mycel.redis")
+    async with running(config) as app:
+        out = app.listen("bus", "out")
+        await redis_client.xadd(stream, {"data": '{"n": 1}'})
+        assert await asyncio.wait_for(out.get(), 5) == ("out", {"n": 1})
+
+        await redis_client.delete(stream)
+        await redis_client.xadd(stream, {"data": '{"n": 2}'})
+        assert await asyncio.wait_for(out.get(), 10) == ("out", {"n": 2})
+    assert (
+        "mycel.redis",
+        logging.WARNING,
+        f"stream {stream!r}: group 'f' is gone, creating it again",
+    ) in caplog.record_tuples

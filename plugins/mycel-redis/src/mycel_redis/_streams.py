@@ -77,6 +77,7 @@ class StreamReader:
         self._in_flight: set[bytes] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.dead_stream = stream + DEAD_SUFFIX
+        self._delay = settings.reconnect_delay
 
     async def create_group(self) -> None:
         """Create the consumer group (and the stream) unless it exists."""
@@ -93,8 +94,7 @@ class StreamReader:
             )
 
     async def run(self) -> None:
-        """Read until cancelled; survive lost connections."""
-        delay = self._settings.reconnect_delay
+        """Read until cancelled; survive lost connections and a lost group."""
         while True:
             try:
                 await self._read_pending()
@@ -103,13 +103,38 @@ class StreamReader:
                 logger.warning(
                     "stream %r: connection lost, reading again in %.2fs: %s",
                     self.stream,
-                    delay,
+                    self._delay,
                     exc,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, _MAX_RECONNECT_DELAY)
-                continue
-            delay = self._settings.reconnect_delay
+            except ResponseError as exc:
+                if str(exc).startswith("NOGROUP"):
+                    # Someone deleted the stream or the group: create it
+                    # again where the settings say, rather than stop.
+                    logger.warning(
+                        "stream %r: group %r is gone, creating it again",
+                        self.stream,
+                        self.group,
+                    )
+                    await self._recreate_group()
+                    continue
+                # WRONGTYPE and the like: an operator has to act; keep
+                # trying so that reading resumes once they have.
+                logger.error(
+                    "stream %r: redis refused to read, trying again in %.2fs: %s",
+                    self.stream,
+                    self._delay,
+                    exc,
+                )
+            await asyncio.sleep(self._delay)
+            self._delay = min(self._delay * 2, _MAX_RECONNECT_DELAY)
+
+    async def _recreate_group(self) -> None:
+        try:
+            await self.create_group()
+        except RedisError as exc:
+            logger.warning("stream %r: cannot create group: %s", self.stream, exc)
+            await asyncio.sleep(self._delay)
+            self._delay = min(self._delay * 2, _MAX_RECONNECT_DELAY)
 
     async def finish(self, timeout: float) -> None:
         """At close: let entries whose flow returned be acknowledged.
@@ -161,6 +186,7 @@ class StreamReader:
             count=self._settings.batch,
             block=None if block is None else int(block * 1000),
         )
+        self._delay = self._settings.reconnect_delay
         if not response:
             return []
         entries: list[Entry] = response[0][1]
