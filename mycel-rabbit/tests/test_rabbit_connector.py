@@ -124,7 +124,7 @@ async def test_pattern_routing_and_envelope(rabbit: RabbitNamespace) -> None:
             "redelivered": False,
             "queue": rabbit.queue("orders"),
         }
-        # Only the matching message reached the flow's queue, and it is acked.
+        # The messages that do not match never reached the flow's queue.
         await eventually(lambda: app.runtime.in_flight.count == 0)
         assert out.empty()
         assert await rabbit.depth(rabbit.queue("orders")) == 0
@@ -385,9 +385,14 @@ async def test_poison_message_is_dead_lettered_at_once(
         first, second = await next_of(dead), await next_of(dead)
         delivery = await next_of(gate(app).arrived)
         assert delivery.input == {"n": 3}
-        counter = app.runtime.metrics.registry.get_sample_value(
-            "mycel_rabbitmq_dead_lettered_total",
-            {"connector": "rabbit", "flow": "eat"},
+        registry = app.runtime.metrics.registry
+        labels = {"connector": "rabbit", "flow": "eat"}
+        # The copy reaches the queue before its confirmation reaches us.
+        await eventually(
+            lambda: (
+                registry.get_sample_value("mycel_rabbitmq_dead_lettered_total", labels)
+                == 2.0
+            )
         )
     assert (first.message_id, first.body) == ("bad-1", b"{not json")
     assert first.headers["x-mycel-error"] == (
@@ -399,7 +404,6 @@ async def test_poison_message_is_dead_lettered_at_once(
         "body is not UTF-8 text: 'utf-8' codec can't decode byte 0xff in "
         "position 0: invalid start byte"
     )
-    assert counter == 2.0
 
 
 async def test_permanent_failure_skips_retries(rabbit: RabbitNamespace) -> None:
@@ -671,3 +675,41 @@ async def test_broker_restart_mid_stream_loses_nothing(
     assert seen == list(range(150))
     redelivered = [d for d in g.passed if d.context["message"]["redelivered"]]
     assert len(redelivered) >= 8
+
+
+async def test_deleted_queue_is_declared_again(
+    rabbit: RabbitNamespace, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = (
+        rabbit.connector(reconnect_delay="50ms")
+        + """
+    connector "gate" { type = "test_gate" }
+    flow "kept" {
+      from { connector = "rabbit"  operation = "kept" }
+      to   { connector = "gate" }
+    }
+    """
+    )
+    caplog.set_level(logging.WARNING, logger="mycel.rabbitmq")
+    async with running(config, plugins=PLUGINS) as app:
+        channel = await rabbit.channel()
+        await channel.queue_delete(rabbit.queue("kept"))
+        await eventually(
+            lambda: any("reconnected" in r.getMessage() for r in caplog.records),
+            TIMEOUT,
+        )
+        await rabbit.publish("kept", {"n": 1})
+        assert (await next_of(gate(app).arrived)).input == {"n": 1}
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.levelname == "WARNING" and r.name == "mycel.rabbitmq"
+    ]
+    assert warnings[0] == (
+        f"connector 'rabbit': the broker cancelled the consumer of "
+        f"'{rabbit.queue('kept')}' (queue deleted?); declaring it again"
+    )
+    assert warnings[1] == (
+        "connector 'rabbit' lost its connection to amqp://guest:***@127.0.0.1:5672/ "
+        "(consumer cancelled by the broker); reconnecting"
+    )

@@ -363,7 +363,30 @@ class RabbitConnector(Connector):
         connection.close_callbacks.add(lost)
         for channel in session.channels:
             channel.close_callbacks.add(lost)
+
+        # A queue deleted under us cancels its consumer: declare it again.
+        for consumer in self._consumers:
+            if consumer.channel is not None:
+                consumer.channel.on_consumer_cancel_callbacks.add(
+                    self._cancelled(session, consumer)
+                )
         return session
+
+    def _cancelled(
+        self, session: _Session, consumer: _Consumer
+    ) -> Callable[[Any], Coroutine[Any, Any, None]]:
+        async def on_cancel(frame: Any) -> None:
+            if not self._consuming or frame.consumer_tag != consumer.tag:
+                return
+            logger.warning(
+                "connector %r: the broker cancelled the consumer of %r (queue "
+                "deleted?); declaring it again",
+                self.name,
+                consumer.queue_name,
+            )
+            self._on_lost(session, None, reason="consumer cancelled by the broker")
+
+        return on_cancel
 
     async def _declare(self, connection: AbstractConnection) -> _Session:
         settings = self._settings
@@ -423,7 +446,9 @@ class RabbitConnector(Connector):
         )
         return channel, queue
 
-    def _on_lost(self, session: _Session, exc: BaseException | None) -> None:
+    def _on_lost(
+        self, session: _Session, exc: BaseException | None, reason: str = ""
+    ) -> None:
         if self._closing or session is not self._session or self._lost.is_set():
             return
         self._ready.clear()
@@ -432,7 +457,7 @@ class RabbitConnector(Connector):
             "connector %r lost its connection to %s (%s); reconnecting",
             self.name,
             self._where,
-            _describe(exc) if exc else "closed",
+            reason or _describe(exc),
         )
 
     async def _supervise(self) -> None:
