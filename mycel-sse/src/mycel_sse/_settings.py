@@ -94,7 +94,8 @@ class SseSettings(Settings):
     is disconnected so that it cannot slow the others."""
 
     send_timeout: Duration = Field(default=10.0, gt=0)
-    """A client that accepts no data for this long is disconnected."""
+    """A client that accepts no data for this long is disconnected (checked
+    every second, or every quarter of this if shorter)."""
 
     max_query_length: int = Field(default=2048, ge=0)
     """Longest query string accepted, in bytes; longer ones get 414."""
