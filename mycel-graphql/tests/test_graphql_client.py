@@ -201,6 +201,12 @@ class Subscription:
         while True:
             yield Price(sku=sku, cents=await queue.get())
 
+    @strawberry.subscription
+    async def price_once(self) -> AsyncGenerator[JSON, None]:
+        queue: asyncio.Queue[Any] = asyncio.Queue()
+        FEEDS.append(queue)
+        yield await queue.get()
+
 
 @asynccontextmanager
 async def strawberry_server() -> AsyncIterator[int]:
@@ -249,3 +255,37 @@ async def test_client_without_query_against_plain_strawberry(protocol: str) -> N
             "price_updates",
             {"sku": "B", "cents": 99},
         )
+
+
+async def test_completed_subscription_is_sent_again(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with strawberry_server() as port:
+        config = client_config(port, path="/graphql").replace(
+            "Subscription.priceChanged", "Subscription.priceOnce"
+        )
+        with caplog.at_level(logging.WARNING, logger="mycel.graphql"):
+            async with running(config) as client:
+                updates = client.listen("db", "price_updates")
+                await eventually(lambda: len(FEEDS) == 1)
+                await FEEDS[0].put({"n": 1})
+                assert await asyncio.wait_for(updates.get(), 5) == (
+                    "price_updates",
+                    {"n": 1},
+                )
+                # strawberry completed it; the client subscribes again.
+                await eventually(lambda: len(FEEDS) == 2)
+                await FEEDS[1].put({"n": 2})
+                assert await asyncio.wait_for(updates.get(), 5) == (
+                    "price_updates",
+                    {"n": 2},
+                )
+                assert client_of(client).connections == 1
+    warnings = [r for r in caplog.records if r.name == "mycel.graphql"]
+    assert warnings[0].levelname == "WARNING"
+    message = warnings[0].getMessage()
+    assert message.startswith(
+        "connector 'external_gql': subscription of flow 'react_to_price_change' "
+        "ended (the server completed it); subscribing again in "
+    )
+    assert message.endswith("s (attempt 1)")

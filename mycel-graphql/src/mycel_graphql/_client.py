@@ -9,7 +9,10 @@ this module adds is what gql leaves to its caller:
 - a reconnect loop with exponential backoff, full jitter within the upper
   half of the delay, capped at ``reconnect.max_delay`` and reset once a
   connection stayed up for ``reconnect.healthy_after``; every attempt is
-  logged at WARNING. gql's own ``reconnecting=True`` session retries
+  logged at WARNING. A single subscription that the server completes or
+  answers with errors is sent again on the same connection, with the same
+  backoff, without disturbing the others. gql's own ``reconnecting=True``
+  session retries
   through the ``backoff`` package with its own policy and logging, and
   cannot reset after a healthy period, so it is not used;
 - running the flow for every event, one at a time per subscription, in
@@ -150,7 +153,7 @@ class GraphqlClient:
             started = loop.time()
             try:
                 await self._session(bindings)
-                error = "the server completed the subscriptions"
+                error = "the session ended"
             except Exception as exc:  # any failure of the session: reconnect
                 error = _describe(exc)
             finally:
@@ -161,8 +164,7 @@ class GraphqlClient:
             # Back off: exponential, jittered, capped, reset when it was healthy.
             if loop.time() - started >= policy.healthy_after:
                 attempt = 0
-            delay = min(policy.max_delay, policy.initial_delay * 2**attempt)
-            delay *= random.uniform(0.5, 1.0)
+            delay = self._delay(attempt)
             attempt += 1
             logger.warning(
                 "connector %r: subscriptions to %s ended (%s); reconnecting in "
@@ -174,6 +176,12 @@ class GraphqlClient:
                 attempt,
             )
             await asyncio.sleep(delay)
+
+    def _delay(self, attempt: int) -> float:
+        """Seconds to wait before try ``attempt + 1``, with jitter."""
+        policy = self.settings.reconnect
+        delay: float = min(policy.max_delay, policy.initial_delay * 2**attempt)
+        return delay * random.uniform(0.5, 1.0)
 
     async def _session(self, bindings: list[mycel.SourceBinding]) -> None:
         transport = self._make_transport()
@@ -198,23 +206,48 @@ class GraphqlClient:
         document, key = subscription_document(field, query)
         request = GraphQLRequest(document, variable_values=variables or None)
         context = {"operation": binding.operation, "endpoint": self.url}
-        async for data in session.subscribe(request):
-            self._busy += 1
-            self._idle.clear()
+
+        # A subscription the server ends or refuses is sent again on the same
+        # connection, with backoff; a broken connection ends the session.
+        attempt = 0
+        while True:
             try:
-                await binding.handle.process(mycel.Event(data.get(key), context))
-            except mycel.FlowError as exc:
-                # No acknowledgement to withhold: the event is lost, say so.
-                logger.error(
-                    "connector %r: flow %r gave up on an event: %s",
-                    self.name,
-                    binding.flow,
-                    exc.reason,
-                )
-            finally:
-                self._busy -= 1
-                if self._busy == 0:
-                    self._idle.set()
+                async for data in session.subscribe(request):
+                    attempt = 0
+                    await self._process(binding, mycel.Event(data.get(key), context))
+                reason = "the server completed it"
+            except TransportQueryError as exc:
+                reason = f"the server answered with errors: {exc}"
+            delay = self._delay(attempt)
+            attempt += 1
+            logger.warning(
+                "connector %r: subscription of flow %r ended (%s); subscribing "
+                "again in %.2fs (attempt %d)",
+                self.name,
+                binding.flow,
+                reason,
+                delay,
+                attempt,
+            )
+            await asyncio.sleep(delay)
+
+    async def _process(self, binding: mycel.SourceBinding, event: mycel.Event) -> None:
+        self._busy += 1
+        self._idle.clear()
+        try:
+            await binding.handle.process(event)
+        except mycel.FlowError as exc:
+            # No acknowledgement to withhold: the event is lost, say so.
+            logger.error(
+                "connector %r: flow %r gave up on an event: %s",
+                self.name,
+                binding.flow,
+                exc.reason,
+            )
+        finally:
+            self._busy -= 1
+            if self._busy == 0:
+                self._idle.set()
 
 
 def _describe(exc: BaseException) -> str:
