@@ -39,8 +39,8 @@ class DeadLetterSettings(Settings):
     """The ``dead_letter { ... }`` block: where failed messages go."""
 
     exchange: str | None = None
-    """Exchange failed messages are published to (topic, durable); default:
-    ``<exchange>.dead-letter``."""
+    """Exchange failed messages are published to (a topic exchange, durable
+    when ``durable`` is); default: ``<exchange>.dead-letter``."""
 
     queue: str | None = None
     """Queue bound to that exchange with ``#``, so that nothing published
@@ -86,8 +86,8 @@ class RabbitSettings(Settings):
     returns the message) instead of letting the broker discard it."""
 
     heartbeat: Duration = Field(default=60.0, ge=0)
-    """AMQP heartbeat interval; a silent connection is dropped after it.
-    ``0`` turns heartbeats off."""
+    """AMQP heartbeat interval, in whole seconds; a connection that stays
+    silent for a few intervals counts as lost. ``0`` turns heartbeats off."""
 
     connect_timeout: Duration = Field(default=10.0, gt=0)
     """How long one connection attempt may take."""
@@ -118,6 +118,13 @@ class RabbitSettings(Settings):
                 f"{redact_url(value)!r} is not an AMQP URL; write it like "
                 "amqp://user:password@host:5672/vhost"
             )
+        return value
+
+    @field_validator("heartbeat")
+    @classmethod
+    def _heartbeat(cls, value: float) -> float:
+        if value != int(value):
+            raise ValueError(f"heartbeat must be whole seconds, not {value:g}s")
         return value
 
     @field_validator("exchange")
