@@ -13,12 +13,13 @@ import asyncio
 import datetime as dt
 import decimal
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
-from mycel.testing import App, running
+from mycel.testing import App, eventually, running
 
 
 @pytest.fixture
@@ -432,3 +433,78 @@ async def test_an_unreachable_server_stops_the_start() -> None:
     message = str(caught.value)
     assert message.startswith("database 'db': cannot connect (postgres): ")
     assert "pw" not in message
+
+
+async def test_lost_connections_are_a_transient_failure_and_retried(
+    pg_database: str, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    await pg.execute(MESSAGES_TABLE)
+    flows = HANDLE_WS_MESSAGE.replace(
+        'flow "handle_ws_message" {',
+        'flow "handle_ws_message" {\n retry {\n attempts = 3\n delay = "10ms"\n }',
+    )
+    async with running(config(pg_database, flows, extra="pool_size = 1")) as app:
+        await app.publish("ws", "message", {"channel_id": 1})
+        await settle(app)
+        # The server drops every connection of the connector's pool.
+        name = pg_database.rsplit("/", 1)[1]
+        await pg.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            name,
+        )
+        with caplog.at_level(logging.WARNING, "mycel.flow"):
+            await app.publish("ws", "message", {"channel_id": 2})
+            await settle(app)
+        assert dead_letters(app) == []
+    rows = await pg.fetch("SELECT channel_id FROM messages ORDER BY id")
+    assert [r["channel_id"] for r in rows] == [1, 2]
+    # Whether the loss shows at all depends on timing: the pool may notice
+    # the closed connection and replace it before the batch goes out. When
+    # it shows, it is one transient failure, and the retry writes the row.
+    retries = [r.getMessage() for r in caplog.records if r.name == "mycel.flow"]
+    assert len(retries) <= 1
+    for retry in retries:
+        assert retry.startswith(
+            "flow 'handle_ws_message': to 'db' failed (try 1 of 3), retrying in "
+        )
+        reason = retry.split("s: ", 1)[1]
+        assert reason.startswith(
+            (
+                "table 'messages': connection failed: ",
+                "table 'messages': connection was closed in the middle of operation",
+                "table 'messages': terminating connection due to administrator command",
+            )
+        ), reason
+
+
+async def test_a_lock_timeout_is_transient_and_the_retry_succeeds(
+    pg_database: str, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    await pg.execute(MESSAGES_TABLE)
+    flows = HANDLE_WS_MESSAGE.replace(
+        'flow "handle_ws_message" {',
+        'flow "handle_ws_message" {\n retry {\n attempts = 5\n delay = "300ms"\n }',
+    )
+    # asyncpg passes unknown URL parameters on as server settings.
+    text = config(pg_database + "?lock_timeout=100", flows)
+    async with running(text) as app:
+        lock = pg.transaction()
+        await lock.start()
+        await pg.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        with caplog.at_level(logging.WARNING, "mycel.flow"):
+            await app.publish("ws", "message", {"channel_id": 1})
+            await eventually(
+                lambda: any(r.name == "mycel.flow" for r in caplog.records)
+            )
+            await lock.rollback()
+            await settle(app)
+        assert dead_letters(app) == []
+    retries = [r.getMessage() for r in caplog.records if r.name == "mycel.flow"]
+    assert retries[0].startswith(
+        "flow 'handle_ws_message': to 'db' failed (try 1 of 5), retrying in "
+    )
+    assert retries[0].endswith(
+        "s: table 'messages': canceling statement due to lock timeout"
+    )
+    assert await pg.fetchval("SELECT array_agg(channel_id) FROM messages") == [1]

@@ -189,6 +189,12 @@ async def test_a_rejected_document_fails_only_its_own_event(search_url: str) -> 
         ("orders", [1, 2], "index 'orders': the payload must be an object, not list"),
         (
             "orders",
+            {"id": 1, "x": float("nan")},
+            "index 'orders': the payload is not JSON: Out of range float values "
+            "are not JSON compliant",
+        ),
+        (
+            "orders",
             {"id": {"a": 1}},
             "the payload's 'id' gave {'a': 1}: a document "
             "id must be a string or a number",

@@ -145,6 +145,13 @@ class PostgresBackend:
             raise DeliveryError(
                 f"table {str(statement.table)!r}: connection failed: {exc}"
             ) from exc
+        except Exception as exc:  # driver boundary: asyncpg's internal errors
+            # (InternalClientError on a connection the server dropped, say)
+            # are not the rows' fault: transient, so the flow retries them.
+            raise DeliveryError(
+                f"table {str(statement.table)!r}: connection failed: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:

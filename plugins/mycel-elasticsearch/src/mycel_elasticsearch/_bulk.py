@@ -22,6 +22,7 @@ import contextlib
 import itertools
 import json
 import logging
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -88,7 +89,7 @@ class Bulker:
     def __init__(self, client: BulkClient, settings: ElasticsearchSettings) -> None:
         self._client = client
         self._settings = settings
-        self._pending: list[Action] = []
+        self._pending: deque[Action] = deque()
         self._pending_bytes = 0
         self._has_pending = asyncio.Event()
         self._full = asyncio.Event()
@@ -114,6 +115,8 @@ class Bulker:
 
     async def submit(self, action: Action) -> None:
         """Queue one action; return once the cluster accepted the document."""
+        if self._loop_task is None or self._loop_task.done():
+            raise DeliveryError(f"{action.describe()}: the bulk sender is not running")
         self._pending.append(action)
         self._pending_bytes += len(action.body)
         self._has_pending.set()
@@ -152,7 +155,7 @@ class Bulker:
             action = self._pending[0]
             if batch and size + len(action.body) > settings.batch_bytes:
                 break
-            batch.append(self._pending.pop(0))
+            batch.append(self._pending.popleft())
             size += len(action.body)
         self._pending_bytes -= size
         if not self._pending:
@@ -282,7 +285,8 @@ def _fail(batch: Sequence[Action], reason: str) -> None:
 
 def encode(value: Any) -> bytes:
     """JSON for a bulk line: compact, with a newline."""
-    return json.dumps(value, separators=(",", ":"), default=_default).encode() + b"\n"
+    text = json.dumps(value, separators=(",", ":"), default=_default, allow_nan=False)
+    return text.encode() + b"\n"
 
 
 def _default(value: Any) -> Any:
