@@ -490,13 +490,16 @@ async def test_client_that_accepts_nothing_for_send_timeout_is_dropped(
         await reader.readuntil(b"\r\n\r\n")
 
         async with open_stream(f"{url}/events/prices") as fast:
-            # About 10 MB: more than the socket buffers take for the silent one.
-            for n in range(1, 101):
-                await publish(app, "prices", {"n": n, "pad": "x" * 100_000})
+            # Fill the silent client's socket buffers, then keep publishing
+            # until its stuck send has waited out send_timeout.
+            n = 0
+            while len(hub.subscribers) == 2 and n < 2000:
+                n += 1
+                await publish(app, "prices", {"n": n, "pad": "x" * 50_000})
                 assert json.loads((await fast.event()).data)["n"] == n
-            await eventually(lambda: len(hub.subscribers) == 1)
-            await publish(app, "prices", {"n": 101, "pad": ""})
-            assert json.loads((await fast.event()).data)["n"] == 101
+            assert len(hub.subscribers) == 1
+            await publish(app, "prices", {"n": n + 1, "pad": ""})
+            assert json.loads((await fast.event()).data)["n"] == n + 1
 
         async with asyncio.timeout(10):
             while await reader.read(1 << 20):
