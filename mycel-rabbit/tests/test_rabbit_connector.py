@@ -713,3 +713,68 @@ async def test_deleted_queue_is_declared_again(
         "connector 'rabbit' lost its connection to amqp://guest:***@127.0.0.1:5672/ "
         "(consumer cancelled by the broker); reconnecting"
     )
+
+
+async def test_shutdown_acks_what_finished_and_returns_the_rest(
+    rabbit: RabbitNamespace,
+) -> None:
+    config = (
+        rabbit.connector(prefetch=5)
+        + """
+    connector "gate" { type = "test_gate" }
+    flow "drain" {
+      concurrency = 1
+      from { connector = "rabbit"  operation = "drain" }
+      to   { connector = "gate" }
+    }
+    """
+    )
+    runtime = Runtime(load_test_config(config, plugins=PLUGINS))
+    await runtime.start()
+    g = gate(runtime)
+    g.opened.clear()
+    for n in range(3):
+        await rabbit.publish("drain", {"n": n})
+    await next_of(g.arrived)
+    # Two more are prefetched, waiting for the flow's only slot.
+    await eventually(lambda: _depth_is(rabbit, rabbit.queue("drain"), 0))
+
+    connector = runtime.connectors["rabbit"]
+    assert isinstance(connector, RabbitConnector)
+    stopping = asyncio.create_task(runtime.stop(timeout=TIMEOUT))
+    await eventually(lambda: not connector._consuming)
+    g.opened.set()
+    assert await stopping is True
+    assert ids(g.passed) == [0]
+    assert await rabbit.depth(rabbit.queue("drain")) == 2
+
+
+async def test_deleted_exchange_is_declared_again(rabbit: RabbitNamespace) -> None:
+    config = (
+        rabbit.connector(reconnect_delay="50ms")
+        + """
+    connector "mem" { type = "memory" }
+    flow "produce" {
+      from  { connector = "mem"     operation = "in" }
+      retry {
+        attempts = 20
+        delay    = "50ms"
+      }
+      to    { connector = "rabbit"  target = "loop.x" }
+    }
+    flow "consume" {
+      from { connector = "rabbit"  operation = "loop.*" }
+      to   { connector = "mem"     target = "out" }
+    }
+    """
+    )
+    async with running(config) as app:
+        out = app.listen("mem", "out")
+        channel = await rabbit.channel()
+        await channel.exchange_delete(rabbit.exchange)
+        # The publish fails on the missing exchange, which closes the channel;
+        # the connector reconnects, declares and binds again, the retry works.
+        await app.publish("mem", "in", {"n": 1})
+        assert await next_of(out) == ("out", {"n": 1})
+        retries = app.runtime.metrics.retries.labels("produce", "rabbit")._value.get()
+    assert retries >= 1

@@ -225,3 +225,10 @@ def test_durations_and_dead_letter_block() -> None:
     assert settings.prefetch == 10
     assert settings.dead_letter_exchange == "failed"
     assert settings.dead_letter_queue == "failed.all"
+
+
+def test_heartbeat_is_whole_seconds() -> None:
+    with pytest.raises(ValidationError) as caught:
+        RabbitSettings(heartbeat="500ms")
+    assert "heartbeat must be whole seconds, not 0.5s" in str(caught.value)
+    assert RabbitSettings(heartbeat="0s").heartbeat == 0.0
