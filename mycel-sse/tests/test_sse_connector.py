@@ -521,3 +521,31 @@ async def test_cors_wildcard_allows_any_origin() -> None:
         async with open_stream(url, {"Origin": "http://any.example"}) as s:
             headers = s.response.headers
     assert headers["access-control-allow-origin"] == "*"
+
+
+async def test_filter_can_use_the_stream_and_broadcast_path_has_none() -> None:
+    alerts = """
+flow "alerts" {
+  from { connector = "mem"  operation = "alerts" }
+  to {
+    connector = "sse"
+    operation = "broadcast"
+    filter    = "context.stream == 'prices' || context.params.all == 'yes'"
+  }
+}
+"""
+    async with running(config() + alerts) as app:
+        url = base_url(app)
+        async with (
+            open_stream(f"{url}/events?all=yes") as plain,
+            open_stream(f"{url}/events/prices") as prices,
+            open_stream(f"{url}/events/room-x") as room,
+        ):
+            await publish(app, "alerts", {"a": 1})
+            await publish(app, "rooms", {"room": "x", "text": "after"})
+            got = [await plain.event(), await prices.event(), await room.event()]
+    assert [(e.id, e.data) for e in got] == [
+        (event_id(app, 1), '{"a":1}'),
+        (event_id(app, 1), '{"a":1}'),
+        (event_id(app, 2), '{"text":"after"}'),
+    ]
