@@ -383,3 +383,31 @@ async def test_a_deleted_stream_gets_its_group_back(
         logging.WARNING,
         f"stream {stream!r}: group 'f' is gone, creating it again",
     ) in caplog.record_tuples
+
+
+async def test_many_entries_in_flight_are_each_delivered_and_acknowledged(
+    redis_url: str, redis_client: Any, redis_prefix: str
+) -> None:
+    stream = redis_prefix + "many"
+    await redis_client.xgroup_create(stream, "f", id="0", mkstream=True)
+    async with redis_client.pipeline(transaction=False) as pipe:
+        for n in range(500):
+            pipe.xadd(stream, {"data": f'{{"n": {n}}}'})
+        await pipe.execute()
+    config = _config(
+        redis_url,
+        f"""
+        flow "f" {{
+          concurrency = 50
+          from {{ connector = "r"  operation = "stream:{stream}" }}
+          to   {{ connector = "bus"  target = "out" }}
+        }}
+        """,
+        settings="batch = 20",
+    )
+    async with running(config) as app:
+        out = app.listen("bus", "out")
+        got = [await asyncio.wait_for(out.get(), 5) for _ in range(500)]
+        await eventually(lambda: _settled(redis_client, stream, "f"))
+    assert sorted(payload["n"] for _, payload in got) == list(range(500))
+    assert out.empty()

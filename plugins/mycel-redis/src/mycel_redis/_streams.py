@@ -20,6 +20,9 @@ stream ``NAME.dead`` with the reason, then acknowledged: nothing is
 dropped silently, and one bad entry does not block the stream. If even
 that write fails, the entry is left pending and comes back later.
 
+A lost connection, a deleted stream or group (created again) and a read
+Redis refuses (retried with backoff, logged at ERROR) never end the reader.
+
 Known limitations: entries of one stream are processed concurrently (up to
 the flow's ``concurrency``), so a flow may see them out of order; set
 ``concurrency = 1`` on the flow for stream order. A flow that keeps
@@ -54,6 +57,46 @@ _MAX_RECONNECT_DELAY = 30.0
 Entry = tuple[bytes, dict[bytes, bytes] | None]
 
 
+class _Acks:
+    """Acknowledges entries in as few ``XACK`` calls as the load allows.
+
+    While one ``XACK`` is on its way, the entries finished meanwhile wait
+    and go together in the next one; each caller still returns only once
+    its own entry was acknowledged (or raises what Redis answered).
+
+    """
+
+    def __init__(self, client: aioredis.Redis, stream: str, group: str) -> None:
+        self._client = client
+        self._stream = stream
+        self._group = group
+        self._waiting: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def ack(self, entry_id: bytes) -> None:
+        done = asyncio.get_running_loop().create_future()
+        self._waiting.append((entry_id, done))
+        if self._sender is None or self._sender.done():
+            self._sender = asyncio.create_task(self._send())
+        await done
+
+    async def _send(self) -> None:
+        while self._waiting:
+            batch, self._waiting = self._waiting, []
+            try:
+                await self._client.xack(
+                    self._stream, self._group, *(entry_id for entry_id, _ in batch)
+                )
+            except RedisError as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+            else:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+
+
 class StreamReader:
     """Feeds one flow from one stream; see the module docstring."""
 
@@ -77,6 +120,7 @@ class StreamReader:
         self._in_flight: set[bytes] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self.dead_stream = stream + DEAD_SUFFIX
+        self._acks = _Acks(client, stream, group)
         self._delay = settings.reconnect_delay
 
     async def create_group(self) -> None:
@@ -313,4 +357,4 @@ class StreamReader:
         )
 
     async def _ack(self, entry_id: bytes) -> None:
-        await self._client.xack(self.stream, self.group, entry_id)
+        await self._acks.ack(entry_id)
