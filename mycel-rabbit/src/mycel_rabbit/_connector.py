@@ -283,8 +283,15 @@ class RabbitConnector(Connector):
 
     async def start_sources(self) -> None:
         self._consuming = True
-        if self._session is not None:
+        if self._session is None:
+            return  # reconnecting: consumers start once the link is back
+        try:
             await self._consume_all(self._session)
+        except _ERRORS as exc:
+            raise ConnectorError(
+                f"connector {self.name!r} cannot start consuming on {self._where}: "
+                f"{_describe(exc)}"
+            ) from exc
 
     async def stop_sources(self) -> None:
         """Cancel every consumer; messages in flight still finish and are acked."""
@@ -499,7 +506,7 @@ class RabbitConnector(Connector):
                     # Lost again at once: the close callback set _lost.
                     logger.debug("resuming consumers failed: %s", exc)
             logger.warning(
-                "connector %r reconnected to %s after %d attempts",
+                "connector %r reconnected to %s (attempt %d)",
                 self.name,
                 self._where,
                 attempt,
