@@ -1,6 +1,6 @@
 """Fixtures and helpers for the mycel-graphql tests.
 
-``node_client`` runs the Node.js scripts in ``mycel-graphql/tests/js`` (the
+``graphql_js_client`` runs the Node.js scripts in ``mycel-graphql/tests/js`` (the
 reference ``graphql-ws`` client, and a raw ``ws`` script speaking the older
 ``graphql-ws`` subprotocol) and hands their JSON lines to the test.
 ``RawSocket`` speaks either subprotocol by hand, for the close codes.
@@ -44,8 +44,8 @@ class NodeProcess:
 
 
 @pytest.fixture
-def node_client() -> Callable[..., Any]:
-    """``async with node_client("subscribe.mjs", {...}) as proc:``."""
+def graphql_js_client() -> Callable[..., Any]:
+    """``async with graphql_js_client("subscribe.mjs", {...}) as proc:``."""
     node = shutil.which("node")
     if node is None:
         service_unavailable("Node.js")

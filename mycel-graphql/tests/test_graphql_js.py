@@ -48,7 +48,7 @@ async def publish_orders(app: App) -> None:
 
 
 async def test_graphql_ws_reference_client_gets_only_its_users_orders(
-    node_client: Any,
+    graphql_js_client: Any,
 ) -> None:
     port = free_port()
     url = f"ws://127.0.0.1:{port}/graphql/ws"
@@ -62,8 +62,8 @@ async def test_graphql_ws_reference_client_gets_only_its_users_orders(
         }
         bob_args = {**alice_args, "connectionParams": {"userId": "bob"}}
         async with (
-            node_client("subscribe.mjs", alice_args) as alice,
-            node_client("subscribe.mjs", bob_args) as bob,
+            graphql_js_client("subscribe.mjs", alice_args) as alice,
+            graphql_js_client("subscribe.mjs", bob_args) as bob,
         ):
             assert await alice.line() == {"event": "connected"}
             assert await bob.line() == {"event": "connected"}
@@ -92,13 +92,13 @@ async def test_graphql_ws_reference_client_gets_only_its_users_orders(
 
 
 async def test_graphql_ws_reference_client_sees_validation_errors(
-    node_client: Any,
+    graphql_js_client: Any,
 ) -> None:
     port = free_port()
     url = f"ws://127.0.0.1:{port}/graphql/ws"
     async with running(SPEC_CONFIG.format(port=port)) as app:
         args = {"url": url, "query": "subscription { orderUpdated { id } }", "count": 1}
-        async with node_client("subscribe.mjs", args) as client:
+        async with graphql_js_client("subscribe.mjs", args) as client:
             assert await client.line() == {"event": "connected"}
             assert await client.line() == {
                 "event": "error",
@@ -113,7 +113,9 @@ async def test_graphql_ws_reference_client_sees_validation_errors(
         assert app.connector("gql").services.hub.topic_size("orderUpdated") == 0
 
 
-async def test_legacy_graphql_ws_subprotocol_over_raw_ws(node_client: Any) -> None:
+async def test_legacy_graphql_ws_subprotocol_over_raw_ws(
+    graphql_js_client: Any,
+) -> None:
     port = free_port()
     url = f"ws://127.0.0.1:{port}/graphql/ws"
     async with running(SPEC_CONFIG.format(port=port)) as app:
@@ -123,7 +125,7 @@ async def test_legacy_graphql_ws_subprotocol_over_raw_ws(node_client: Any) -> No
             "count": 2,
             "connectionParams": {"userId": "alice"},
         }
-        async with node_client("legacy.mjs", args) as client:
+        async with graphql_js_client("legacy.mjs", args) as client:
             assert await client.line() == {"event": "open", "protocol": "graphql-ws"}
             assert await client.line() == {"type": "connection_ack"}
             assert await client.line() == {"type": "ka"}
