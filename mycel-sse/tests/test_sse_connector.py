@@ -154,26 +154,58 @@ async def test_invalid_rendered_stream_name_fails_the_event() -> None:
     ]
 
 
-async def test_payload_that_is_not_json_fails_the_event_permanently() -> None:
-    text = (
-        config()
-        + """
+async def test_timestamps_in_payloads_are_sent_as_iso_text() -> None:
+    raw = """
 flow "raw" {
   from { connector = "mem"  operation = "raw" }
   transform { when = "timestamp('2024-01-01T00:00:00Z')" }
   to   { connector = "sse"  operation = "broadcast" }
 }
 """
-    )
-    async with running(text) as app:
+    async with running(config() + raw) as app:
         url = base_url(app)
         async with open_stream(f"{url}/events") as plain:
             await publish(app, "raw", {})
             event = await plain.event()
-    # Timestamps are sent in ISO 8601: CDC rows carry them.
-    assert event == SseEvent(
-        '{"when":"2024-01-01T00:00:00+00:00"}', id=event_id(app, 1)
-    )
+    # CDC rows carry timestamps; a browser gets them as ISO 8601 text.
+    expected = SseEvent('{"when":"2024-01-01T00:00:00+00:00"}', id=event_id(app, 1))
+    assert event == expected
+
+
+@pytest.mark.parametrize(
+    ("expression", "error"),
+    [
+        ("duration('1s')", "timedelta is not JSON serializable"),
+        ("double('NaN')", "Out of range float values are not JSON compliant"),
+    ],
+)
+async def test_payload_that_is_not_json_fails_the_event_permanently(
+    expression: str, error: str
+) -> None:
+    raw = f"""
+flow "raw" {{
+  from {{ connector = "mem"  operation = "raw" }}
+  transform {{ value = "{expression}" }}
+  to   {{ connector = "sse"  operation = "broadcast" }}
+}}
+"""
+    async with running(config() + raw) as app:
+        url = base_url(app)
+        async with open_stream(f"{url}/events") as plain:
+            await publish(app, "raw", {"n": 1})
+            await publish(app, "news", {"after": True})
+            event = await plain.event()
+        dead = list(app.memory("mem").dead_letters)
+    # The failed event took no id: the next one is number 1.
+    assert event == SseEvent('{"after":true}', id=event_id(app, 1))
+    assert dead == [
+        (
+            "raw",
+            {"n": 1},
+            "flow 'raw': to 'sse' failed after 1 try: the payload cannot be sent "
+            f"as JSON: {error}",
+        )
+    ]
 
 
 async def test_replay_after_last_event_id_merges_stream_and_broadcasts() -> None:

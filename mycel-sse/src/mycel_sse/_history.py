@@ -233,7 +233,11 @@ def encode_event(event_id: str, event: str | None, payload: Any) -> bytes:
 
     """
     data = json.dumps(
-        payload, ensure_ascii=False, separators=(",", ":"), default=_json_default
+        payload,
+        ensure_ascii=False,
+        separators=(",", ":"),
+        allow_nan=False,
+        default=_json_default,
     )
     head = (
         f"id: {event_id}\n" if event is None else (f"id: {event_id}\nevent: {event}\n")
