@@ -289,3 +289,23 @@ async def test_completed_subscription_is_sent_again(
         "ended (the server completed it); subscribing again in "
     )
     assert message.endswith("s (attempt 1)")
+
+
+async def test_client_headers_reach_the_servers_filter_context() -> None:
+    port = free_port()
+    server_config = SERVER.format(port=port).replace(
+        "context.connection_params.shop", "context.headers.tenant"
+    )
+    config = client_config(port).replace(
+        "connection_params = {",
+        'headers = { tenant = "north" }\n  connection_params = {',
+    )
+    async with running(server_config) as server, running(config) as client:
+        updates = client.listen("db", "price_updates")
+        await subscribed(server)
+        await server.publish("mem", "prices", {"shop": "south", "price": 1})
+        await server.publish("mem", "prices", {"shop": "north", "price": 2})
+        assert await asyncio.wait_for(updates.get(), 5) == (
+            "price_updates",
+            {"shop": "north", "price": 2},
+        )
