@@ -186,6 +186,9 @@ class Connection:
                     await self._handle(text)
                 except _Close as close:
                     await self.close(close.code, close.reason)
+        except Exception:  # top of the connection's loop: a bug of ours
+            logger.error("connection of %s failed", self.client, exc_info=True)
+            await self.close(1011, "Internal error")
         finally:
             self.closed = True
             self._stop_all()
