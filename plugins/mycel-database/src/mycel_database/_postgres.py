@@ -1,7 +1,8 @@
 """The ``postgres`` driver: an asyncpg pool.
 
-A batch is one ``executemany`` inside a transaction: asyncpg sends all its
-rows in one pipelined round trip and the transaction commits them together.
+A batch is one ``executemany``: asyncpg sends all its rows in one pipelined
+round trip, in one implicit transaction that commits them together or not
+at all.
 ``json`` and ``jsonb`` columns take nested objects and lists as they are
 (the pool's connections encode them as JSON). Text that a typed column
 needs as a value (an ISO timestamp for ``timestamptz``, a number in a
@@ -125,7 +126,9 @@ class PostgresBackend:
     ) -> None:
         sql = statement.sql("dollar")
         try:
-            async with self.pool.acquire() as conn, conn.transaction():
+            # One statement, or one executemany: each is atomic on its own
+            # (an implicit transaction), so no BEGIN and COMMIT round trips.
+            async with self.pool.acquire() as conn:
                 if len(rows) == 1:
                     await conn.execute(sql, *rows[0])
                 else:
