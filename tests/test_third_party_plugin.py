@@ -1,15 +1,17 @@
 """A third party's plugins, installed as a user installs them, really run.
 
-The plugin template (``plugins/template``) and the Redis connector written
+The plugin template (``plugins/template``), a copy of it renamed the way
+the plugin guide says (``mycel-acme``), and the Redis connector written
 from it (``plugins/mycel-redis``) are copied out of the repository, as a
 third party's own project or a downloaded sdist would be, and installed
 with pip, not in editable mode, into a fresh virtual environment together
 with core. Then, in that environment only:
 
-- ``mycel plugins list --json`` shows both plugins, loaded;
+- ``mycel plugins list --json`` shows the three plugins, loaded;
 - ``mycel run`` runs a flow from a Redis stream to Redis pub/sub and a
   stream, and stops cleanly on SIGTERM;
-- the template's own tests pass, run the way its author runs them.
+- the template's own tests pass, run the way its author runs them, as is
+  and renamed.
 
 And the plugin guide (docs/writing-a-plugin.md), which is all a third party
 reads, names every hook and every public name of ``mycel``.
@@ -52,9 +54,33 @@ def _run(args: list[str], cwd: Path | None = None, timeout: float = 600) -> str:
     return result.stdout
 
 
+# The renaming table of docs/writing-a-plugin.md, section 1.
+_RENAMES = (
+    ("mycel-example", "mycel-acme"),
+    ("mycel_example", "mycel_acme"),
+    ("ExampleConnector", "AcmeConnector"),
+    ("ExampleSettings", "AcmeSettings"),
+    ('"mycel.example"', '"mycel.acme"'),
+    ('"example"', '"acme"'),
+)
+
+
+def _rename_template(project: Path) -> None:
+    """Rename a copy of the template as the plugin guide tells its reader."""
+    (project / "src" / "mycel_example").rename(project / "src" / "mycel_acme")
+    (project / "tests" / "test_example.py").rename(project / "tests" / "test_acme.py")
+    for path in project.rglob("*"):
+        if path.suffix in (".py", ".toml", ".md"):
+            text = path.read_text(encoding="utf-8")
+            for old, new in _RENAMES:
+                text = text.replace(old, new)
+            path.write_text(text, encoding="utf-8")
+
+
 @pytest.fixture(scope="module")
 def venv() -> Iterator[Path]:
-    """A fresh virtual environment with core, mycel-redis and the template.
+    """A fresh virtual environment with core, mycel-redis and the template
+    (as is, and renamed to mycel-acme).
 
     It lives outside pytest's temporary folders, which concurrent pytest
     sessions on the same machine prune.
@@ -69,6 +95,10 @@ def venv() -> Iterator[Path]:
             ("mycel-example", ROOT / "plugins" / "template"),
         ):
             shutil.copytree(source, sources / name, ignore=_COPY_IGNORE)
+        shutil.copytree(
+            ROOT / "plugins" / "template", sources / "mycel-acme", ignore=_COPY_IGNORE
+        )
+        _rename_template(sources / "mycel-acme")
 
         env = base / "venv"
         _run([sys.executable, "-m", "venv", str(env)])
@@ -78,6 +108,7 @@ def venv() -> Iterator[Path]:
                 str(sources / "mycel"),
                 str(sources / "mycel-redis"),
                 f"{sources / 'mycel-example'}[test]",
+                str(sources / "mycel-acme"),
             ]
         )  # fmt: skip
         yield env
@@ -106,6 +137,7 @@ def test_plugins_list_shows_the_installed_plugins(venv: Path) -> None:
     rows = json.loads(_run([str(venv / "bin" / "mycel"), "plugins", "list", "--json"]))
     assert sorted(row["distribution"] for row in rows) == [
         "mycel",
+        "mycel-acme",
         "mycel-example",
         "mycel-redis",
     ]
@@ -125,6 +157,10 @@ def test_plugins_list_shows_the_installed_plugins(venv: Path) -> None:
         ],
         "functions": [],
     }
+    assert by_distribution["mycel-acme"]["connector_types"] == [
+        {"type": "acme", "source_operations": ["tick"], "target_operations": ["append"]}
+    ]
+    assert by_distribution["mycel-acme"]["status"] == "ok"
     assert by_distribution["mycel-example"] == {
         "name": "mycel_example",
         "distribution": "mycel-example",
@@ -211,13 +247,16 @@ def test_redis_plugin_runs_a_flow_and_stops_cleanly(
 
 
 @pytest.mark.slow
-def test_template_tests_pass_where_its_author_runs_them(venv: Path) -> None:
+@pytest.mark.parametrize("project", ["mycel-example", "mycel-acme"])
+def test_template_tests_pass_where_its_author_runs_them(
+    venv: Path, project: str
+) -> None:
     # The template's own test suite, from its own folder, with the
     # distribution installed from a copy (as pip would from an sdist).
-    project = venv.parent / "src" / "mycel-example"
+    folder = venv.parent / "src" / project
     output = _run(
         [str(venv / "bin" / "python"), "-m", "pytest", "-q", "-p", "no:cacheprovider"],
-        cwd=project,
+        cwd=folder,
     )
     assert output.splitlines()[-1].startswith("6 passed"), output
 
