@@ -581,3 +581,25 @@ flow "alerts" {
         (event_id(app, 1), '{"a":1}'),
         (event_id(app, 2), '{"text":"after"}'),
     ]
+
+
+async def test_burst_over_send_queue_drops_client_with_a_closing_comment(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.WARNING)
+    async with running(config("send_queue = 4")) as app:
+        url = base_url(app)
+        async with open_stream(f"{url}/events/prices") as stream:
+            # Ten events before the client's writer gets a turn.
+            for n in range(10):
+                await app.publish("mem", "prices", {"n": n})
+            await app.memory("mem").drain()
+            rest = await stream.rest()
+    assert rest == ["closed: slow consumer: send queue full (4 messages)"]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            "connector 'sse': dropped client 1 of prices: slow consumer: send "
+            "queue full (4 messages)",
+        )
+    ]
