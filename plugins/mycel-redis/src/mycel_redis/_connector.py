@@ -159,6 +159,15 @@ class RedisConnector(mycel.Connector):
             self._readers.append(asyncio.create_task(self._pubsub.run()))
         for reader in self._streams:
             self._readers.append(asyncio.create_task(reader.run()))
+        for task in self._readers:
+            task.add_done_callback(self._reader_ended)
+
+    def _reader_ended(self, task: asyncio.Task[None]) -> None:
+        # Readers only end by cancellation; anything else is a bug to show.
+        if not task.cancelled() and task.exception() is not None:
+            logger.error(
+                "connector %r stopped reading", self.name, exc_info=task.exception()
+            )
 
     async def stop_sources(self) -> None:
         # Stop reading; entries already read finish (and are acknowledged)
