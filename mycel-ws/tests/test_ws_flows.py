@@ -240,3 +240,25 @@ async def test_timestamps_are_sent_as_iso_text() -> None:
         frame = await receive(client)
         assert frame["type"] == "message"
         assert frame["data"]["when"].startswith("2024-01-02T03:04:05")
+
+
+async def test_a_burst_of_events_arrives_complete_and_in_order() -> None:
+    port = free_port()
+    flows = """
+    flow "out" {
+      from { connector = "mem"  operation = "in" }
+      to   { connector = "ws"   operation = "room:r" }
+    }
+    """
+    async with running(ws_config(port, flows=flows)) as app:
+        url = f"ws://127.0.0.1:{port}/ws?rooms=r"
+        async with connect(url) as one, connect(url) as two:
+            for client in (one, two):
+                assert await receive(client) == {"type": "joined", "room": "r"}
+            # Queued without yielding: the flow handles them in one go, and
+            # each client's frames are written together.
+            for n in range(200):
+                await app.publish("mem", "in", {"n": n})
+            for client in (one, two):
+                got = [(await receive(client))["data"]["n"] for _ in range(200)]
+                assert got == list(range(200))

@@ -56,7 +56,7 @@ from ._frames import (
     room_frame,
 )
 from ._settings import WebSocketSettings
-from ._subscriber import FRAME_CACHE_KEY, SLOW_CONSUMER, WsSubscriber
+from ._subscriber import FRAME_CACHE_KEY, SLOW_CONSUMER, WriteBatch, WsSubscriber
 
 __all__ = ["WebSocketConnector"]
 
@@ -100,6 +100,7 @@ class WebSocketConnector(Connector):
         self._server: Server | None = None
         self._accepting = False
         self._open: set[ServerConnection] = set()
+        self._batch = WriteBatch()
         self._closing: set[asyncio.Task[None]] = set()
         self._sources: dict[str, list[tuple[SourceBinding, asyncio.Semaphore]]] = {
             "message": [],
@@ -142,6 +143,8 @@ class WebSocketConnector(Connector):
                 max_size=settings.max_message_size,
                 logger=logging.getLogger("mycel.ws.protocol"),
                 server_header=None,
+                # Room for bursts of handshakes (the kernel caps it at somaxconn).
+                backlog=1024,
             )
         except OSError as exc:
             raise ConnectorError(
@@ -237,7 +240,9 @@ class WebSocketConnector(Connector):
             rooms,
             queue_size=self._settings.send_queue,
             on_close=self._subscriber_closed,
-            factory=functools.partial(WsSubscriber, connection=connection),
+            factory=functools.partial(
+                WsSubscriber, connection=connection, batch=self._batch
+            ),
         )
         loop = asyncio.get_running_loop()
         client = _Client(
