@@ -38,6 +38,10 @@ import pytest
 
 from testsupport.base import ROOT
 
+# Creating the environment (pip resolving and building four projects) is
+# part of the first test's time; give it room beyond the default 300 s.
+pytestmark = pytest.mark.timeout(900)
+
 _COPY_IGNORE = shutil.ignore_patterns(
     "*.egg-info", "build", "dist", "__pycache__", ".pytest_cache", ".mypy_cache"
 )
