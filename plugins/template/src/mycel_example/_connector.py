@@ -62,6 +62,7 @@ class ExampleConnector(mycel.Connector):
     )
     default_operation = "append"
     target_required = True
+    ordered = True  # each flow gets its ticks one at a time, in order
 
     def __init__(
         self, name: str, settings: mycel.Settings, services: mycel.Services
