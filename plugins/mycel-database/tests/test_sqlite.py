@@ -7,7 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from mycel import ConfigError
+from mycel import ConfigError, ConnectorError
 from mycel.testing import load_test_config, running, write_config
 
 INIT = (
@@ -108,3 +108,14 @@ def test_settings_are_checked_before_start(settings: str, message: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_test_config(text)
     assert message in str(caught.value)
+
+
+async def test_a_missing_folder_stops_the_start(tmp_path: Path) -> None:
+    folder = write_config(sqlite_config("nowhere/app.db"), tmp_path)
+    with pytest.raises(ConnectorError) as caught:
+        async with running(folder):
+            pass
+    assert str(caught.value) == (
+        "database 'db': cannot connect (sqlite): the folder of "
+        f"{str(folder / 'nowhere' / 'app.db')!r} does not exist; create it first"
+    )

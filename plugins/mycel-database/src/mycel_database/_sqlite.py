@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from mycel import DeliveryError
+from mycel import ConnectorError, DeliveryError
 
 from ._backend import Column, TableInfo
 from ._statement import Statement, TableName, quote
@@ -56,6 +56,10 @@ class SqliteBackend:
         await self._run(self._open)
 
     def _open(self) -> None:
+        if self._path != ":memory:" and not Path(self._path).parent.is_dir():
+            raise ConnectorError(
+                f"the folder of {self._path!r} does not exist; create it first"
+            )
         conn = sqlite3.connect(
             self._path,
             timeout=self._timeout,
