@@ -480,3 +480,24 @@ def test_secrets_inside_a_nested_block_error_are_masked() -> None:
         "issuer": "x",
     }
     assert shown_value("nodes", ["http://u:pw@h:9200"]) == ["http://u:***@h:9200"]
+
+
+def test_flow_naming_a_broken_connector_is_not_told_it_is_missing() -> None:
+    assert problems(
+        'connector "bus" {\n  type = "memory"\n  buffer = "x"\n}\n'
+        'connector "q" { type = "kafka" }\n'
+        'flow "f" {\n  from { connector = "bus" operation = "a" }\n'
+        '  to { connector = "q" target = "b" }\n}\n'
+    ) == [
+        "app.mycel:3: connector 'bus': setting 'buffer' = 'x': Input should be a "
+        "valid integer, unable to parse string as an integer.",
+        "app.mycel:5: connector 'q': unknown connector type 'kafka'. "
+        "Installed types: http, memory.",
+    ]
+
+
+def test_only_text_is_masked_as_a_secret() -> None:
+    from mycel._settings import shown_value
+
+    assert shown_value("credentials", True) is True
+    assert shown_value("api_key", "abc") == "***"

@@ -304,6 +304,9 @@ class _Checker:
             return
         what = f"connector {name!r}"
         type_attr = block.attributes.get("type")
+        # From here on, a connector that fails its checks is "broken": flows
+        # naming it are not also told that it does not exist.
+        self.broken_connectors.add(name)
         if "type" in block.invalid:
             return
         if type_attr is None or not isinstance(type_attr.value, str):
@@ -327,12 +330,10 @@ class _Checker:
         data = {k: v for k, v in block.to_dict().items() if k != "type"}
         settings = self.settings(cls.settings_model, data, block, what)
         if settings is not None:
+            self.broken_connectors.discard(name)
             config.connectors[name] = ConnectorConfig(
                 name, type_name, cls, settings, block.file, block.line
             )
-        else:
-            # Flows naming it are not told it is missing: it is broken.
-            self.broken_connectors.add(name)
 
     def unknown_type_hint(self, type_name: str) -> str:
         failed = self.registry.failed_plugin_for(type_name)
@@ -435,9 +436,7 @@ class _Checker:
             )
             return None
         found = config.connectors.get(attr.value)
-        if found is None and attr.value not in getattr(
-            self, "_broken_connectors", set()
-        ):
+        if found is None and attr.value not in self.broken_connectors:
             self.problem(
                 block,
                 attr.line,

@@ -84,7 +84,10 @@ def shown_value(name: str, value: Any) -> Any:
 
     """
     if isinstance(value, SecretStr) or (
-        _SECRET_NAME.search(name) and value not in (None, "")
+        _SECRET_NAME.search(name)
+        and isinstance(value, str | int | float | bytes)
+        and not isinstance(value, bool)
+        and value != ""
     ):
         return "***"
     if isinstance(value, str) and "://" in value:
