@@ -345,3 +345,30 @@ def test_unknown_operations_are_reported_at_load() -> None:
         "  test.mycel:5: flow 'f': connector 'ws' (websocket) has no target "
         "operation 'rooms:a'. It offers: broadcast, room:NAME.",
     ]
+
+
+async def test_a_port_in_use_fails_start_with_a_clear_error() -> None:
+    import socket
+
+    from mycel import ConnectorError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConnectorError) as info:
+            async with running(ws_config(port)):
+                pass
+    assert str(info.value) == (
+        f"connector 'ws': cannot listen on 127.0.0.1:{port}: Address already in use"
+    )
+
+
+async def test_handshakes_are_refused_with_503_once_sources_stopped() -> None:
+    port = free_port()
+    async with running(ws_config(port)) as app:
+        await app.connector("ws").stop_sources()
+        assert await refusal(f"ws://127.0.0.1:{port}/ws") == (
+            503,
+            "the server is not accepting connections (starting or shutting down)\n",
+        )

@@ -262,3 +262,36 @@ async def test_a_burst_of_events_arrives_complete_and_in_order() -> None:
             for client in (one, two):
                 got = [(await receive(client))["data"]["n"] for _ in range(200)]
                 assert got == list(range(200))
+
+
+async def test_chat_echo_reaches_the_room_but_not_the_sender() -> None:
+    port = free_port()
+    flows = """
+    flow "chat" {
+      from { connector = "ws"  operation = "message" }
+      transform {
+        text   = "input.text"
+        sender = "context.id"
+        name   = "context.params.name"
+      }
+      to {
+        connector = "ws"
+        operation = "room:${input.room}"
+        filter    = "output.sender != context.id"
+      }
+    }
+    """
+    async with running(ws_config(port, flows=flows)):
+        url = f"ws://127.0.0.1:{port}/ws?rooms=lobby&name="
+        async with connect(url + "ann") as ann, connect(url + "bob") as bob:
+            for client in (ann, bob):
+                assert await receive(client) == {"type": "joined", "room": "lobby"}
+            await ann.send('{"type":"message","data":{"room":"lobby","text":"hi"}}')
+            frame = await receive(bob)
+            assert frame["room"] == "lobby"
+            assert frame["data"]["text"] == "hi"
+            assert frame["data"]["name"] == "ann"
+            # ann's own message was filtered out: her next frame is bob's.
+            await bob.send('{"type":"message","data":{"room":"lobby","text":"yo"}}')
+            frame = await receive(ann)
+            assert (frame["data"]["name"], frame["data"]["text"]) == ("bob", "yo")

@@ -129,3 +129,9 @@ async def test_delivery_to_an_empty_room_succeeds() -> None:
         assert list(memory.dead_letters) == []
         events_out = app.runtime.metrics.events_out.labels("to_room", "ws")
         assert events_out._value.get() == 1
+
+
+def test_the_entry_point_registers_the_websocket_type() -> None:
+    from mycel.testing import registry
+
+    assert registry().connector_types["websocket"] is mycel_ws.WebSocketConnector

@@ -24,6 +24,7 @@ import asyncio
 import functools
 import http
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,9 +148,10 @@ class WebSocketConnector(Connector):
                 backlog=1024,
             )
         except OSError as exc:
+            reason = os.strerror(exc.errno) if exc.errno else str(exc)
             raise ConnectorError(
                 f"connector {self.name!r}: cannot listen on "
-                f"{settings.host}:{settings.port}: {exc.strerror or exc}"
+                f"{settings.host}:{settings.port}: {reason}"
             ) from exc
         logger.info(
             "connector %r listening on ws://%s:%d%s",
