@@ -1,4 +1,4 @@
-"""RabbitMQ source throughput: Mycel against a plain aio-pika loop.
+"""RabbitMQ throughput: Mycel against plain aio-pika, as source and target.
 
 The same messages are published once to an exchange that feeds two queues:
 one read by a plain aio-pika consumer that acknowledges each message as it
@@ -7,8 +7,13 @@ from a ``rabbitmq`` source into a ``memory`` target. Both read with the same
 prefetch and both timings start before connecting. Several rounds, the best
 of each side counts (the broker is shared with other work on this machine).
 
+As a target, a Mycel flow from a ``memory`` source publishes with publisher
+confirms, against plain aio-pika tasks publishing the same messages with
+confirms on one channel, with the same concurrency, into the same durable
+queue.
+
 Needs RabbitMQ on 127.0.0.1:5672 (guest/guest); run as a script:
-``python bench/bench_rabbit.py [--messages N] [--rounds R]``.
+``python bench/bench_rabbit.py [--messages N] [--published N] [--rounds R]``.
 
 """
 
@@ -23,7 +28,7 @@ import uuid
 from typing import Any
 
 import aio_pika
-from mycel import Runtime
+from mycel import MemoryConnector, Runtime
 from mycel.testing import load_test_config
 
 URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -218,13 +223,140 @@ async def main(count: int, rounds: int) -> None:
     )
 
 
+async def plain_publish(exchange_name: str, count: int) -> tuple[float, float]:
+    """Wall and CPU seconds for confirmed publishes by CONCURRENCY tasks."""
+    started = time.perf_counter()
+    cpu = time.process_time()
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        exchange = await channel.get_exchange(exchange_name, ensure=False)
+        numbers = iter(range(count))
+
+        async def worker() -> None:
+            for n in numbers:
+                body = {"order_id": n, "status": "created", "user_id": n % 100}
+                await exchange.publish(
+                    aio_pika.Message(
+                        json.dumps(body, separators=(",", ":")).encode(),
+                        content_type="application/json",
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        message_id=uuid.uuid4().hex,
+                    ),
+                    "sink.x",
+                )
+
+        await asyncio.gather(*(worker() for _ in range(PREFETCH)))
+        return time.perf_counter() - started, time.process_time() - cpu
+
+
+async def mycel_publish(config_text: str, count: int) -> tuple[float, float]:
+    """Wall and CPU seconds for a memory -> rabbitmq flow to publish ``count``."""
+    runtime = Runtime(load_test_config(config_text))
+    delivered = runtime.metrics.events_out.labels("pub", "rabbit")
+    memory = runtime.connectors["mem"]
+    assert isinstance(memory, MemoryConnector)
+    started = time.perf_counter()
+    cpu = time.process_time()
+    await runtime.start()
+    for n in range(count):
+        await memory.publish(
+            "in", {"order_id": n, "status": "created", "user_id": n % 100}
+        )
+    while delivered._value.get() < count:
+        await asyncio.sleep(0.005)
+    elapsed = time.perf_counter() - started, time.process_time() - cpu
+    await runtime.stop(timeout=10)
+    return elapsed
+
+
+async def target_main(count: int, rounds: int) -> None:
+    prefix = f"mycel-bench-{uuid.uuid4().hex[:8]}."
+    exchange_name = f"{prefix}x"
+    sink = f"{prefix}sink"
+    config_text = f"""
+    connector "rabbit" {{
+      type         = "rabbitmq"
+      url          = "{URL}"
+      exchange     = "{exchange_name}"
+      queue_prefix = "{prefix}q."
+      dead_letter {{
+        exchange = "{prefix}dlx"
+        queue    = "{prefix}dead"
+      }}
+    }}
+    connector "mem" {{
+      type   = "memory"
+      buffer = {count}
+    }}
+    flow "pub" {{
+      concurrency = {PREFETCH}
+      from {{ connector = "mem"     operation = "in" }}
+      to   {{ connector = "rabbit"  target = "sink.x" }}
+    }}
+    """
+    connection = await aio_pika.connect(URL)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await channel.declare_exchange(
+            exchange_name, aio_pika.ExchangeType.TOPIC, durable=True
+        )
+        queue = await channel.declare_queue(sink, durable=True)
+        await queue.bind(exchange, "sink.#")
+        try:
+            plain: list[tuple[float, float]] = []
+            mycel: list[tuple[float, float]] = []
+            for round_ in range(rounds):
+                if round_ % 2:
+                    mycel.append(await mycel_publish(config_text, count))
+                    await queue.purge()
+                    plain.append(await plain_publish(exchange_name, count))
+                else:
+                    plain.append(await plain_publish(exchange_name, count))
+                    await queue.purge()
+                    mycel.append(await mycel_publish(config_text, count))
+                await queue.purge()
+        finally:
+            for name in (sink, f"{prefix}dead"):
+                await channel.queue_delete(name)
+            for name in (exchange_name, f"{prefix}dlx"):
+                await channel.exchange_delete(name)
+
+    mycel_rate = count / min(wall for wall, _ in mycel)
+    plain_rate = count / min(wall for wall, _ in plain)
+    print(
+        json.dumps(
+            {
+                "bench": "rabbit_target",
+                "figure": "messages published and confirmed",
+                "unit": "messages/s",
+                "value": round(mycel_rate),
+                "baseline_name": f"{PREFETCH} aio-pika tasks publishing with confirms",
+                "baseline": round(plain_rate),
+                "ratio": round(mycel_rate / plain_rate, 3),
+                "higher_is_better": True,
+                "aim": ">= 0.8x of plain aio-pika",
+                "notes": (
+                    f"{count:,} persistent JSON messages into one durable queue, "
+                    f"{PREFETCH} at a time, best of {rounds} rounds; Mycel: memory "
+                    "source -> rabbitmq target; every round, Mycel "
+                    f"{[round(count / wall) for wall, _ in mycel]}, plain "
+                    f"{[round(count / wall) for wall, _ in plain]}"
+                ),
+            }
+        )
+    )
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=20_000)
+    parser.add_argument("--published", type=int, default=10_000)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     try:
         asyncio.run(main(args.messages, args.rounds))
+        asyncio.run(target_main(args.published, args.rounds))
     except OSError as exc:
         print(f"RabbitMQ is not reachable at 127.0.0.1:5672: {exc}", file=sys.stderr)
         sys.exit(1)
