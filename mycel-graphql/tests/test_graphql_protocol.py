@@ -256,8 +256,10 @@ async def test_close_4403_when_the_connection_context_refuses(
     # Stands in for an auth block: only connections with a token get in.
     original = mycel_graphql._protocol.connection_context
 
-    def guarded(params: Any, headers: Any) -> dict[str, Any] | None:
-        return original(params, headers) if params.get("token") == "ok" else None
+    def guarded(params: Any, headers: Any, *args: Any, **kw: Any) -> Any:
+        if params.get("token") != "ok":
+            return None
+        return original(params, headers, *args, **kw)
 
     monkeypatch.setattr(mycel_graphql._protocol, "connection_context", guarded)
     async with server() as (_, url):

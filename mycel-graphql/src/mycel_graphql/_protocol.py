@@ -5,7 +5,9 @@ its whole message set and close codes:
 
 ==== ==========================================================
 4400 a message that is not JSON, not of the protocol, or malformed
-4401 ``subscribe`` before the connection was acknowledged
+4001 the connection's token expired (``auth``), see docs/auth.md
+4401 ``subscribe`` before the connection was acknowledged, or the
+     ``connection_init`` brought no acceptable token (``auth``)
 4403 the connection was refused by :func:`connection_context`
 4406 no subprotocol this server speaks was offered
 4408 no ``connection_init`` within ``connection_init_timeout``
@@ -33,7 +35,7 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import mycel
@@ -79,22 +81,33 @@ def choose_subprotocol(offered: list[str]) -> str | None:
 
 
 def connection_context(
-    connection_params: Mapping[str, Any], headers: Mapping[str, str]
+    connection_params: Mapping[str, Any],
+    headers: Mapping[str, str],
+    identity: mycel.Identity | None = None,
+    *,
+    drop: Sequence[str] = (),
 ) -> dict[str, Any] | None:
     """The ``context`` of one connection, built once at ``connection_init``.
 
-    ``connection_params`` is the ``connection_init`` payload, ``headers``
-    the handshake's headers (lowercase names). Returning None refuses the
-    connection (4403 in graphql-transport-ws, ``connection_error`` in
-    graphql-ws); this is where an ``auth`` block will verify credentials
-    and add claims. Each subscription's context is this one plus
-    ``operation`` and ``args``.
+    ``connection_params`` is the ``connection_init`` payload (without the
+    keys in ``drop``: the token's), found both as ``params`` and, as before
+    ``auth`` existed, ``connection_params``; ``headers`` the handshake's
+    headers (lowercase names, credentials left out). ``identity``'s verified
+    claims become ``user``, which nothing the client sends can set.
+    Returning None refuses the connection (4403 in graphql-transport-ws,
+    ``connection_error`` in graphql-ws). Each subscription's context is
+    this one plus ``operation`` and ``args``.
 
     """
-    return {
-        "connection_params": dict(connection_params),
-        "headers": {k: v for k, v in headers.items() if k not in _HIDDEN_HEADERS},
-    }
+    params = {k: v for k, v in connection_params.items() if k not in drop}
+    return mycel.build_context(
+        params,
+        identity,
+        {
+            "connection_params": params,
+            "headers": {k: v for k, v in headers.items() if k not in _HIDDEN_HEADERS},
+        },
+    )
 
 
 class _Close(Exception):
@@ -118,8 +131,14 @@ class Connection:
         receive: Receive,
         send: Send,
         protocol: str,
+        auth: mycel.Authenticator | None = None,
+        identity: mycel.Identity | None = mycel.ANONYMOUS,
     ) -> None:
         self.server = server
+        self.auth = auth
+        self.identity = identity
+        """Who the client is; None until ``connection_init`` brings a token."""
+        self.expiry = mycel.ExpiryTimer(self._expired)
         self.settings = settings
         self.receive = receive
         self._send = send
@@ -194,6 +213,7 @@ class Connection:
             self._stop_all()
 
     def _stop_all(self) -> None:
+        self.expiry.cancel()
         for timer in self._timers:
             timer.cancel()
         for sub, task in self.operations.values():
@@ -245,14 +265,24 @@ class Connection:
             if self.init_received:
                 raise _Close(4429, "Too many initialisation requests")
             self.init_received = True
-            if not self._accept_connection(payload or {}):
+            try:
+                accepted = self._accept_connection(payload or {})
+            except mycel.AuthError as exc:
+                raise _Close(mycel.GRAPHQL_WS_UNAUTHORIZED, exc.reason) from exc
+            if not accepted:
                 raise _Close(4403, "Forbidden")
             self.acknowledged = True
             await self.send_text('{"type":"connection_ack"}')
             self._start_keepalive()
         elif kind == "ping":
-            _object_payload(message)
-            await self.send_text('{"type":"pong"}')
+            payload = _object_payload(message)
+            token = None
+            if self.auth is not None and payload:
+                token = self.auth.token_from(payload=payload)
+            if token is None:
+                await self.send_text('{"type":"pong"}')
+            else:
+                await self.send_json({"type": "pong", "payload": self._refresh(token)})
         elif kind == "pong":
             _object_payload(message)
         elif kind == "subscribe":
@@ -276,9 +306,16 @@ class Connection:
         if kind == "connection_init":
             payload = message.get("payload")
             self.init_received = True
-            if not isinstance(
-                payload, dict | type(None)
-            ) or not self._accept_connection(payload or {}):
+            try:
+                accepted = isinstance(
+                    payload, dict | type(None)
+                ) and self._accept_connection(payload or {})
+            except mycel.AuthError as exc:
+                await self.send_json(
+                    {"type": "connection_error", "payload": {"message": exc.reason}}
+                )
+                raise _Close(mycel.GRAPHQL_WS_UNAUTHORIZED, exc.reason) from exc
+            if not accepted:
                 await self.send_json(
                     {"type": "connection_error", "payload": {"message": "Forbidden"}}
                 )
@@ -323,8 +360,41 @@ class Connection:
         await self.send_json(message)
 
     def _accept_connection(self, params: dict[str, Any]) -> bool:
-        self.context = connection_context(params, self.headers)
+        """Build the context; :class:`mycel.AuthError` refuses the token."""
+        drop: list[str] = []
+        if self.auth is not None:
+            if self.identity is None:
+                # No token in the handshake: the payload may bring one.
+                self.identity = self.auth.authenticate(payload=params)
+            settings = self.auth.settings
+            drop = [k for k in (settings.connection_param,) if k]
+            if settings.header:
+                drop += [k for k in params if k.lower() == settings.header.lower()]
+        self.context = connection_context(
+            params, self.headers, self.identity, drop=drop
+        )
+        if self.context is not None and self.identity is not None:
+            self.expiry.schedule(self.identity)
         return self.context is not None
+
+    def _refresh(self, token: str) -> dict[str, Any]:
+        """A ``ping`` carrying a fresh token: the ``pong`` payload."""
+        assert self.auth is not None
+        if self.identity is None or not self.acknowledged:
+            return {"error": "connection not acknowledged"}
+        try:
+            identity = self.auth.refresh(self.identity, token)
+        except mycel.AuthError as exc:
+            return {"error": exc.reason}
+        self.identity = identity
+        self.expiry.schedule(identity)
+        return {"expires_at": _unix(identity.expires_at)}
+
+    def _expired(self) -> None:
+        logger.info("connection of %s: token expired", self.client)
+        self._timers.append(
+            asyncio.create_task(self.close(mycel.CLOSE_TOKEN_EXPIRED, "token expired"))
+        )
 
     def _start_keepalive(self) -> None:
         if self.settings.subscriptions.keepalive > 0:
@@ -350,6 +420,11 @@ class Connection:
             await self.send_json({"id": op_id, "type": "complete"})
             return
         assert self.context is not None, "subscribe before acknowledgement"
+        if self.auth is not None and not self.auth.may_join(self.context, plan.field):
+            await self._send_errors(
+                op_id, [{"message": f"not allowed to join {plan.field!r}"}]
+            )
+            return
         context = {
             **self.context,
             "operation": f"Subscription.{plan.field}",
@@ -426,6 +501,13 @@ class Connection:
             await self.close(1001, "Going away")
         elif reason not in ("complete", "connection closed"):
             await self.send_json({"id": op_id, "type": "complete"})
+
+
+def _unix(moment: float | None) -> float | int | None:
+    """A Unix time for a client: whole seconds stay integers."""
+    if moment is not None and moment.is_integer():
+        return int(moment)
+    return moment
 
 
 def _object_payload(message: dict[str, Any]) -> dict[str, Any] | None:

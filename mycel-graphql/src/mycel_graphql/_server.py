@@ -13,8 +13,10 @@ import asyncio
 import json
 import logging
 from collections.abc import Mapping, MutableMapping
+from http.cookies import CookieError, SimpleCookie
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import mycel
 from starlette.requests import Request
@@ -43,6 +45,7 @@ class GraphqlServer:
         self.connections: set[Connection] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: mycel.AsgiServer | None = None
+        self.auth: mycel.Authenticator | None = None
 
     @property
     def hub(self) -> mycel.Hub:
@@ -58,6 +61,11 @@ class GraphqlServer:
             self.fields.append(field)
 
     async def start(self) -> None:
+        if self.settings.auth is not None:
+            # Keys load here: an unreadable key file stops start-up.
+            self.auth = mycel.Authenticator(
+                self.settings.auth, base_dir=self.services.base_dir
+            )
         # Build the schema first: a bad schema file must stop start-up.
         schema_file = None
         if self.settings.schema_file is not None:
@@ -138,6 +146,32 @@ class GraphqlServer:
         event = await receive()
         if event["type"] != "websocket.connect":
             return
+        headers = _headers(scope)
+        origins = self.settings.allowed_origins
+        if origins is not None and not mycel.check_origin(
+            headers.get("origin"), origins
+        ):
+            logger.info(
+                "refused a WebSocket from %s: origin %r is not allowed",
+                scope.get("client"),
+                headers.get("origin"),
+            )
+            await _deny(scope, send, 403, "origin not allowed")
+            return
+        try:
+            identity = self._handshake_identity(scope, headers)
+        except mycel.AuthError as exc:
+            logger.info(
+                "refused a WebSocket from %s: %s", scope.get("client"), exc.reason
+            )
+            await _deny(
+                scope,
+                send,
+                exc.status,
+                exc.reason,
+                {"www-authenticate": exc.www_authenticate},
+            )
+            return
         offered = [p.strip() for p in scope.get("subprotocols", ())]
         protocol = choose_subprotocol(offered)
         accept: dict[str, Any] = {"type": "websocket.accept"}
@@ -162,6 +196,8 @@ class GraphqlServer:
             receive=receive,
             send=send,
             protocol=protocol,
+            auth=self.auth,
+            identity=identity,
         )
         self.connections.add(connection)
         task = connection.task = asyncio.create_task(connection.run())
@@ -175,6 +211,27 @@ class GraphqlServer:
             # Aborted: a slow consumer that took not even its close frame.
         finally:
             self.connections.discard(connection)
+
+    def _handshake_identity(
+        self, scope: Mapping[str, Any], headers: Mapping[str, str]
+    ) -> mycel.Identity | None:
+        """Who the client is by its handshake; None: decide at connection_init.
+
+        A token in the header, cookie or query string must verify (else
+        :class:`mycel.AuthError`, answered with HTTP 401). Without one, the
+        ``connection_init`` payload may still bring it, unless the settings
+        read no payload key at all.
+
+        """
+        if self.auth is None:
+            return mycel.ANONYMOUS
+        query = dict(parse_qsl(scope.get("query_string", b"").decode("latin-1")))
+        cookies = _cookies(headers.get("cookie"))
+        settings = self.auth.settings
+        from_payload = settings.connection_param is not None or settings.header
+        if from_payload and self.auth.token_from(headers, query, cookies) is None:
+            return None
+        return self.auth.authenticate(headers, query, cookies)
 
     async def _http(self, request: Request) -> Response:
         # The IDE for a browser asking for a page.
@@ -237,6 +294,51 @@ class GraphqlServer:
             "const subscriptionUrl = httpUrlToWebSockeUrl(fetchURL);",
             f"const subscriptionUrl = {ws_url};",
         )
+
+
+def _headers(scope: Mapping[str, Any]) -> dict[str, str]:
+    return {
+        k.decode("latin-1").lower(): v.decode("latin-1")
+        for k, v in scope.get("headers", ())
+    }
+
+
+def _cookies(header: str | None) -> dict[str, str]:
+    if not header:
+        return {}
+    jar: SimpleCookie = SimpleCookie()
+    try:
+        jar.load(header)
+    except CookieError:
+        return {}
+    return {name: morsel.value for name, morsel in jar.items()}
+
+
+async def _deny(
+    scope: Mapping[str, Any],
+    send: Send,
+    status: int,
+    reason: str,
+    headers: Mapping[str, str] | None = None,
+) -> None:
+    """Refuse a WebSocket handshake with an HTTP answer, before the upgrade."""
+    if "websocket.http.response" not in scope.get("extensions", {}):
+        # Without the denial extension the server answers 403 by itself.
+        await send({"type": "websocket.close", "code": 1008, "reason": reason})
+        return
+    body = reason.encode()
+    raw = [
+        (b"content-type", b"text/plain; charset=utf-8"),
+        (b"content-length", str(len(body)).encode()),
+        *(
+            (k.encode("latin-1"), v.encode("latin-1"))
+            for k, v in (headers or {}).items()
+        ),
+    ]
+    await send(
+        {"type": "websocket.http.response.start", "status": status, "headers": raw}
+    )
+    await send({"type": "websocket.http.response.body", "body": body})
 
 
 def _errors(status: int, message: str) -> JSONResponse:

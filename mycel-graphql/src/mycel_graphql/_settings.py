@@ -22,7 +22,16 @@ __all__ = [
 
 Driver = Literal["server", "client"]
 
-_SERVER_ONLY = ("host", "port", "path", "schema_file", "playground", "queue_size")
+_SERVER_ONLY = (
+    "host",
+    "port",
+    "path",
+    "schema_file",
+    "playground",
+    "queue_size",
+    "allowed_origins",
+    "auth",
+)
 _CLIENT_ONLY = ("endpoint", "headers", "connection_params", "reconnect")
 _SUBSCRIPTIONS_SERVER_ONLY = ("transport", "keepalive", "connection_init_timeout")
 _SUBSCRIPTIONS_CLIENT_ONLY = ("protocol",)
@@ -97,6 +106,17 @@ class GraphqlSettings(mycel.Settings):
 
     subscriptions: SubscriptionSettings = SubscriptionSettings()
     """The ``subscriptions { ... }`` block."""
+
+    allowed_origins: list[str] | None = None
+    """Server: ``Origin`` values browsers may open subscriptions from
+    (``"*"``: any, ``"https://*.example.com"``: any subdomain); null: any.
+    Others get HTTP 403 before the upgrade. Handshakes without ``Origin``
+    (clients that are not browsers) are always allowed."""
+
+    auth: mycel.AuthSettings | None = None
+    """Server: the ``auth { ... }`` block: verify a JWT per connection (from
+    the handshake or the ``connection_init`` payload); its claims become
+    ``context.user``. Without it, nothing about a client is proven."""
 
     endpoint: str | None = Field(default=None, validate_default=True)
     """Client: URL of the other service's GraphQL endpoint (http, https,
