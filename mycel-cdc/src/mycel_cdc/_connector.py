@@ -117,6 +117,7 @@ class CdcConnector(Connector):
         )
         self._generation = 0
         self._stopping = asyncio.Event()
+        self._stop_requested = False
         self._advanced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._lag = services.metrics.replication_lag.labels(name)
@@ -189,6 +190,7 @@ class CdcConnector(Connector):
     async def stop_sources(self) -> None:
         """Stop reading; the change being processed still finishes."""
         self._stopping.set()
+        self._stop_requested = True
         if self._tasks:
             reader = self._tasks[0]
             reader.cancel()
@@ -197,6 +199,7 @@ class CdcConnector(Connector):
     async def close(self) -> None:
         """Report the confirmed position one last time and disconnect."""
         self._stopping.set()
+        self._stop_requested = True
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -309,7 +312,7 @@ class CdcConnector(Connector):
             if tag == 119:  # "w": XLogData
                 (lsn,) = _XLOG_HEAD.unpack_from(data, 1)
                 self._received = max(self._received, lsn)
-                body = data[25:]
+                body = bytes(data[25:])
                 if body[0] == 82:  # "R": resolve its column types first
                     await self._types.resolve(relation_type_oids(body))
                 decoder.decode(body, lsn, batch)
@@ -339,57 +342,67 @@ class CdcConnector(Connector):
             for item in batch:
                 if generation != self._generation:
                     break  # from a broken session: it is being sent again
-                if type(item) is int:
+                if isinstance(item, int):
                     if item > self.confirmed:
                         self.confirmed = item
                         if not self._advanced.is_set():
                             self._advanced.set()
                     continue
-                if self._stopping.is_set():
+                if self._stop_requested:
                     return
-                assert isinstance(item, Change)
-                event = Event(item.payload, self._context)
-                targets = item.targets
+                payload, targets = item
+                event = Event(payload, self._context)
                 if len(targets) == 1:
-                    await self._run(targets[0], event)
+                    # The common case, inline: one flow that succeeds.
+                    binding = targets[0]
+                    try:
+                        await binding.handle.process(event)
+                    except FlowError as exc:
+                        await self._failed(binding, event, exc)
                 else:
                     await asyncio.gather(*(self._run(b, event) for b in targets))
 
     async def _run(self, binding: SourceBinding, event: Event) -> None:
         """Run one flow for one change until it succeeds or fails for good."""
+        try:
+            await binding.handle.process(event)
+        except FlowError as exc:
+            await self._failed(binding, event, exc)
+
+    async def _failed(
+        self, binding: SourceBinding, event: Event, error: FlowError
+    ) -> None:
+        """Apply the failure policy (see the module docstring) to a change."""
         delay = _RETRY_FIRST
         while True:
+            where = _where(event.input)
+            if error.permanent:
+                logger.error(
+                    "connector %r: flow %r failed permanently on %s; skipped it: %s",
+                    self.name, binding.flow, where, error.reason,
+                )  # fmt: skip
+                self.dead_letters.append((binding.flow, event.input, str(error)))
+                return
+            logger.error(
+                "connector %r: flow %r failed on %s; trying again in %.0fs "
+                "(the slot waits meanwhile): %s",
+                self.name, binding.flow, where, delay, error.reason,
+            )  # fmt: skip
+
+            # Wait, unless shutting down: then the change is left unconfirmed
+            # and comes again on the next start.
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except TimeoutError:
+                pass
+            else:
+                raise asyncio.CancelledError
+            delay = min(delay * 2, _RETRY_MAX)
             try:
                 await binding.handle.process(event)
                 return
             except FlowError as exc:
-                where = _where(event.input)
-                if exc.permanent:
-                    logger.error(
-                        "connector %r: flow %r failed permanently on %s; "
-                        "skipped it: %s",
-                        self.name,
-                        binding.flow,
-                        where,
-                        exc.reason,
-                    )
-                    self.dead_letters.append((binding.flow, event.input, str(exc)))
-                    return
-                logger.error(
-                    "connector %r: flow %r failed on %s; trying again in %.0fs "
-                    "(the slot waits meanwhile): %s",
-                    self.name,
-                    binding.flow,
-                    where,
-                    delay,
-                    exc.reason,
-                )
-            try:
-                await asyncio.wait_for(self._stopping.wait(), delay)
-            except TimeoutError:
-                delay = min(delay * 2, _RETRY_MAX)
-                continue
-            raise asyncio.CancelledError  # shutting down: redelivered next run
+                error = exc
 
     async def _status_loop(self) -> None:
         # Report soon after the position moves, and every status_interval

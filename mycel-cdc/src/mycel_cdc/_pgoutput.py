@@ -89,14 +89,16 @@ class Relation:
     converters: list[Converter | None]
     key_names: list[str]
     routes: Mapping[str, Targets] = field(default_factory=dict)
+    columns: list[tuple[str, Converter | None]] = field(default_factory=list)
+    """(name, converter) per column, in order: what decoding walks."""
+
+    def __post_init__(self) -> None:
+        self.columns = list(zip(self.names, self.converters, strict=True))
 
 
-@dataclass
-class Change:
-    """One decoded change: the event payload and where it goes."""
-
-    payload: dict[str, Any]
-    targets: Targets
+Change = tuple[dict[str, Any], Targets]
+"""One decoded change: the event payload and the targets it goes to (a
+plain tuple: one is built per row)."""
 
 
 def _string(data: bytes, pos: int) -> tuple[str, int]:
@@ -141,6 +143,9 @@ class Decoder:
         self._xid = 0
         self._commit_lsn = ""
         self._commit_time = ""
+        self._meta: dict[tuple[int, str], dict[str, Any]] = {}
+        self._lsn_high = 0
+        self._lsn_prefix = "0/"
 
     def reset(self) -> None:
         self.relations.clear()
@@ -149,7 +154,7 @@ class Decoder:
     def decode(self, data: bytes, lsn: int, out: list[Change | int]) -> None:
         """Decode one message (the payload of an XLogData at ``lsn``).
 
-        Appends a :class:`Change` per routed row change, and the end LSN of
+        Appends a :data:`Change` per routed row change, and the end LSN of
         each Commit, to ``out``.
 
         """
@@ -165,6 +170,7 @@ class Decoder:
             self._xid = xid
             self._commit_lsn = format_lsn(final_lsn)
             self._commit_time = timestamp_text(micros)
+            self._meta.clear()
             self.in_transaction = True
         elif tag == 67:  # "C"
             _, _, end_lsn, _ = _COMMIT.unpack_from(data, 1)
@@ -225,13 +231,25 @@ class Decoder:
     def _event(
         self, rel: Relation, operation: str, lsn: int, row: dict[str, Any]
     ) -> dict[str, Any]:
-        row["_operation"] = operation
-        row["_table"] = rel.name
-        row["_schema"] = rel.schema
-        row["_lsn"] = format_lsn(lsn)
-        row["_commit_lsn"] = self._commit_lsn
-        row["_commit_time"] = self._commit_time
-        row["_xid"] = self._xid
+        # The fields shared by every change of this table and operation in
+        # this transaction are built once and merged in one step.
+        key = (rel.oid, operation)
+        meta = self._meta.get(key)
+        if meta is None:
+            meta = self._meta[key] = {
+                "_operation": operation,
+                "_table": rel.name,
+                "_schema": rel.schema,
+                "_commit_lsn": self._commit_lsn,
+                "_commit_time": self._commit_time,
+                "_xid": self._xid,
+            }
+        row.update(meta)
+        high = lsn >> 32
+        if high != self._lsn_high:
+            self._lsn_high = high
+            self._lsn_prefix = f"{high:X}/"
+        row["_lsn"] = self._lsn_prefix + format(lsn & 0xFFFFFFFF, "X")
         return row
 
     def _insert(self, data: bytes, lsn: int, out: list[Change | int]) -> None:
@@ -243,7 +261,7 @@ class Decoder:
         event = self._event(rel, "INSERT", lsn, row)
         event["_old"] = None
         event["_unchanged_toast"] = unchanged or []
-        out.append(Change(event, targets))
+        out.append((event, targets))
 
     def _update(self, data: bytes, lsn: int, out: list[Change | int]) -> None:
         rel = self._relation_for(data)
@@ -283,7 +301,7 @@ class Decoder:
         event = self._event(rel, "UPDATE", lsn, row)
         event["_old"] = old
         event["_unchanged_toast"] = missing
-        out.append(Change(event, targets))
+        out.append((event, targets))
 
     def _delete(self, data: bytes, lsn: int, out: list[Change | int]) -> None:
         rel = self._relation_for(data)
@@ -299,7 +317,7 @@ class Decoder:
         event = self._event(rel, "DELETE", lsn, dict(old))
         event["_old"] = old
         event["_unchanged_toast"] = unchanged or []
-        out.append(Change(event, targets))
+        out.append((event, targets))
 
     def _truncate(self, data: bytes, lsn: int, out: list[Change | int]) -> None:
         (count,) = _I.unpack_from(data, 1)
@@ -317,40 +335,42 @@ class Decoder:
             event["_unchanged_toast"] = []
             event["_cascade"] = bool(options & 1)
             event["_restart_identity"] = bool(options & 2)
-            out.append(Change(event, targets))
+            out.append((event, targets))
 
     def _tuple(
         self, data: bytes, pos: int, rel: Relation
     ) -> tuple[dict[str, Any], list[str] | None, int]:
         (count,) = _H.unpack_from(data, pos)
         pos += 2
-        names = rel.names
-        converters = rel.converters
+        columns = rel.columns
+        if count != len(columns):
+            raise DecodeError(
+                f"{rel.name!r} has {len(columns)} columns, a tuple has {count}"
+            )
         row: dict[str, Any] = {}
         unchanged: list[str] | None = None
         unpack = _I.unpack_from
-        for index in range(count):
+        # The hot loop of the connector: keep it free of calls it can avoid.
+        for name, convert in columns:
             kind = data[pos]
             if kind == 116:  # "t": text value
-                (size,) = unpack(data, pos + 1)
-                start = pos + 5
-                pos = start + size
-                text = data[start:pos].decode()
-                convert = converters[index]
+                end = pos + 5 + unpack(data, pos + 1)[0]
                 if convert is None:
-                    row[names[index]] = text
+                    row[name] = data[pos + 5 : end].decode()
                 else:
+                    text = data[pos + 5 : end].decode()
                     try:
-                        row[names[index]] = convert(text)
+                        row[name] = convert(text)
                     except ValueError:
-                        row[names[index]] = text
+                        row[name] = text
+                pos = end
             elif kind == 110:  # "n": null
-                row[names[index]] = None
+                row[name] = None
                 pos += 1
             elif kind == 117:  # "u": unchanged TOASTed value, not sent
                 if unchanged is None:
                     unchanged = []
-                unchanged.append(names[index])
+                unchanged.append(name)
                 pos += 1
             else:
                 raise DecodeError(

@@ -103,8 +103,10 @@ class ReplicationStream:
             )
             raise StreamClosed(message or "START_REPLICATION failed")
 
-    def poll(self) -> bytes | None:
+    def poll(self) -> memoryview | None:
         """The next CopyData message if one has arrived, else None.
+
+        The view is valid until the next call.
 
         Raises :class:`StreamClosed` when the session has ended.
 
@@ -116,7 +118,7 @@ class ReplicationStream:
             if size == 0:
                 return None
         if size > 0:
-            return bytes(data)
+            return data
         self.closed = True
         reason = self._pgconn.get_error_message().strip()
         result = self._pgconn.get_result()

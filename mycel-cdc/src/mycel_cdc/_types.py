@@ -34,7 +34,6 @@ enums and anything else       ``str``, as PostgreSQL writes it
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
@@ -59,17 +58,16 @@ def _timestamp(text: str) -> str:
     return text.replace(" ", "T", 1)
 
 
-_SHORT_OFFSET = re.compile(r"[+-]\d\d$")
-
-
 def _with_offset(text: str) -> str:
     # PostgreSQL writes a whole-hour offset as "+02"; ISO 8601 wants "+02:00".
-    if _SHORT_OFFSET.search(text):
+    if len(text) > 3 and text[-3] in "+-" and text[-2:].isdigit():
         return text + ":00"
     return text
 
 
 def _timestamptz(text: str) -> str:
+    if text[-3] == "+" and text[-2:] == "00":  # UTC, the session time zone
+        return text[:10] + "T" + text[11:] + ":00"
     return _with_offset(text.replace(" ", "T", 1))
 
 
