@@ -14,12 +14,15 @@ import datetime as dt
 import decimal
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
-from mycel.testing import App, eventually, running
+from mycel.testing import App, eventually, free_port, running
+
+from testsupport.base import service_unavailable
 
 
 @pytest.fixture
@@ -508,3 +511,158 @@ async def test_a_lock_timeout_is_transient_and_the_retry_succeeds(
         "s: table 'messages': canceling statement due to lock timeout"
     )
     assert await pg.fetchval("SELECT array_agg(channel_id) FROM messages") == [1]
+
+
+async def test_handle_ws_message_from_a_real_websocket_client(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    # The seed flow exactly as written, with the WebSocket connector of
+    # mycel-ws when it is installed (it is, in the project's test runs).
+    try:
+        import mycel_ws  # noqa: F401
+        from websockets.asyncio.client import connect
+    except ImportError:
+        service_unavailable("mycel-ws, for the WebSocket source")
+    await pg.execute(MESSAGES_TABLE)
+    port = free_port()
+    text = f"""
+    connector "ws" {{
+      type = "websocket"
+      port = {port}
+    }}
+    connector "db" {{
+      type              = "database"
+      driver            = "postgres"
+      connection_string = "{pg_database}"
+    }}
+    {HANDLE_WS_MESSAGE}
+    """
+    async with running(text), connect(f"ws://127.0.0.1:{port}/ws?user_id=u9") as ws:
+        frame = {"type": "message", "data": {"channel_id": 4, "text": "from ws"}}
+        await ws.send(json.dumps(frame))
+
+        async def arrived() -> bool:
+            return bool(await pg.fetchval("SELECT count(*) FROM messages"))
+
+        await eventually(arrived, timeout=10)
+    rows = await pg.fetch("SELECT channel_id, user_id, text FROM messages")
+    assert [tuple(r) for r in rows] == [(4, None, "from ws")]
+
+
+async def test_audit_updates_from_real_change_data_capture(
+    pg_logical_database: str,
+) -> None:
+    # The seed flow exactly as written, with the CDC connector of mycel-cdc
+    # when it is installed, on a cluster with wal_level = logical.
+    try:
+        import mycel_cdc  # noqa: F401
+    except ImportError:
+        service_unavailable("mycel-cdc, for the CDC source")
+    conn = await asyncpg.connect(pg_logical_database)
+    await conn.set_type_codec(
+        "jsonb", encoder=json.dumps, decoder=json.loads, schema="pg_catalog"
+    )
+    try:
+        await conn.execute("""
+            CREATE TABLE users (id int PRIMARY KEY, name text);
+            INSERT INTO users VALUES (1, 'Ada'), (2, 'Grace');
+            CREATE TABLE audit_log (
+              seq bigserial PRIMARY KEY, id int, name text,
+              _operation text, _table text, _old jsonb
+            );
+        """)
+        slot = f"audit_{uuid.uuid4().hex[:10]}"
+        text = f"""
+        connector "cdc" {{
+          type              = "cdc"
+          driver            = "postgres"
+          connection_string = "{pg_logical_database}"
+          tables            = ["users"]
+          slot_name         = "{slot}"
+        }}
+        connector "audit_db" {{
+          type              = "database"
+          driver            = "postgres"
+          connection_string = "{pg_logical_database}"
+        }}
+        flow "audit_updates" {{
+          from {{ connector = "cdc"       operation = "users.UPDATE" }}
+          to   {{ connector = "audit_db"  target = "INSERT audit_log" }}
+        }}
+        """
+        async with running(text):
+            await conn.execute("UPDATE users SET name = 'Ada Lovelace' WHERE id = 1")
+            await conn.execute("INSERT INTO users VALUES (3, 'not audited')")
+
+            async def arrived() -> bool:
+                return bool(await conn.fetchval("SELECT count(*) FROM audit_log"))
+
+            await eventually(arrived, timeout=15)
+        rows = await conn.fetch(
+            "SELECT seq, id, name, _operation, _table, _old FROM audit_log"
+        )
+    finally:
+        await conn.close()
+    assert [dict(r) for r in rows] == [
+        {
+            "seq": 1,
+            "id": 1,
+            "name": "Ada Lovelace",
+            "_operation": "UPDATE",
+            "_table": "users",
+            "_old": {"id": 1},
+        }
+    ]
+
+
+@pytest.mark.parametrize(
+    ("extra_keys", "reasons", "rows"),
+    [
+        (
+            None,
+            ["table 'messages' has no column 'colour'"],
+            [(1, None)],
+        ),
+        (
+            "metadata",
+            ["table 'messages' has no column 'colour'"],
+            [(1, None)],
+        ),
+        (
+            "error",
+            [
+                "table 'messages' has no column '_lsn'",
+                "table 'messages' has no columns '_lsn', 'colour'",
+            ],
+            [],
+        ),
+        ("ignore", [], [(1, None), (2, "kept")]),
+    ],
+)
+async def test_extra_keys_decides_about_keys_that_name_no_column(
+    pg_database: str,
+    pg: asyncpg.Connection,
+    extra_keys: str | None,
+    reasons: list[str],
+    rows: list[tuple[int, str | None]],
+) -> None:
+    await pg.execute(MESSAGES_TABLE)
+    option = f'extra_keys = "{extra_keys}"' if extra_keys else ""
+    flows = f"""
+    flow "f" {{
+      from {{ connector = "ws"  operation = "m" }}
+      to   {{ connector = "db"  target = "messages"  {option} }}
+    }}
+    """
+    async with running(config(pg_database, flows)) as app:
+        await app.publish("ws", "m", {"channel_id": 1, "_lsn": "0/16B3748"})
+        await settle(app)
+        await app.publish(
+            "ws", "m", {"channel_id": 2, "text": "kept", "_lsn": "0/1", "colour": "red"}
+        )
+        await settle(app)
+        assert dead_letters(app) == [
+            f"flow 'f': to 'db' failed after 1 try: {reason}" for reason in reasons
+        ]
+    found = await pg.fetch("SELECT channel_id, text FROM messages ORDER BY id")
+    assert [tuple(r) for r in found] == rows

@@ -236,7 +236,9 @@ class DatabaseConnector(Connector):
             )
 
         # Map the payload's keys on the table's columns, in table order.
-        info = await self._table_info(table, payload)
+        options = delivery.options
+        extra = options.extra_keys if isinstance(options, DatabaseToOptions) else None
+        info = await self._table_info(table, payload, extra or "metadata")
         columns = tuple(name for name in info.columns if name in payload)
         key: tuple[str, ...] = ()
         if verb == "upsert":
@@ -258,8 +260,20 @@ class DatabaseConnector(Connector):
         return spec
 
     async def _table_info(
-        self, table: TableName, payload: Mapping[str, Any]
+        self, table: TableName, payload: Mapping[str, Any], extra_keys: str
     ) -> TableInfo:
+        """The table's columns, once every key of ``payload`` may go there.
+
+        Which keys must name a column depends on ``extra_keys`` (see
+        :class:`DatabaseToOptions`); a key that must and does not is a
+        permanent error naming it, after the columns were read again once.
+
+        """
+        if extra_keys == "ignore":
+            payload = {}
+        elif extra_keys == "metadata":
+            payload = {name: None for name in payload if not name.startswith("_")}
+
         # The common case: columns known, every key one of them.
         task = self._tables.get(table)
         if task is not None and task.done() and not task.cancelled():

@@ -92,6 +92,12 @@ class DatabaseSettings(Settings):
 class DatabaseToOptions(Settings):
     """Extra attributes of a ``to`` block that writes to a database."""
 
+    extra_keys: Literal["metadata", "error", "ignore"] = "metadata"
+    """Payload keys that name no column: ``metadata`` skips those starting
+    with ``_`` (event metadata such as CDC's ``_lsn``) and fails the event
+    for any other; ``error`` fails it for every one; ``ignore`` skips them
+    all."""
+
     key: list[str] | None = Field(default=None, min_length=1)
     """The conflict columns of ``UPSERT TABLE``; the table's primary key
     when not given."""
