@@ -1,9 +1,11 @@
 """The database target against a real PostgreSQL, through real flows.
 
-The seed flow ``handle_ws_message`` reads from a WebSocket connector; that
-connector is written elsewhere, so here a ``memory`` connector named
-``ws`` stands in for it with the same flow shape. Likewise ``audit_updates``
-is driven from a memory connector with a CDC-shaped event.
+The seed flow ``handle_ws_message`` reads from a WebSocket connector and
+``audit_updates`` from a CDC connector. Both are other distributions, so
+most tests here drive the same flow shapes from a ``memory`` connector
+standing in for them (with a CDC-shaped event for the audit); two tests at
+the end run the seed flows once more with the real mycel-ws and mycel-cdc
+connectors when those are installed.
 
 """
 

@@ -3,7 +3,9 @@
 The server is osmem-server (see ``testsupport/search.py``), which speaks the
 Elasticsearch/OpenSearch API. Faults it never produces (429, 503) come from
 a small forwarding proxy in front of it: the documents still land in the
-real server.
+real server. The seed flow ``sync_to_elastic`` runs from a ``memory``
+connector standing in for its source, and once more, at the end, from the
+real CDC connector of mycel-cdc when that is installed.
 
 """
 
@@ -12,17 +14,20 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
 from mycel import AsgiServer, ConfigError, ConnectorError
-from mycel.testing import App, load_test_config, running
+from mycel.testing import App, eventually, load_test_config, running
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+from testsupport.base import service_unavailable
 
 
 def es_config(url: str, flows: str, extra: str = "") -> str:
@@ -450,3 +455,65 @@ async def test_flush_interval_gathers_a_partial_batch(
         assert await settle(app) == []
     assert proxy.bulk_sizes == [5]
     assert await count(search_url, "orders") == 5
+
+
+async def test_sync_to_elastic_from_real_change_data_capture(
+    search_url: str, pg_logical_database: str
+) -> None:
+    # The seed flow with the CDC connector of mycel-cdc when installed.
+    try:
+        import asyncpg
+        import mycel_cdc  # noqa: F401
+    except ImportError:
+        service_unavailable("mycel-cdc, for the CDC source")
+    conn = await asyncpg.connect(pg_logical_database)
+    try:
+        await conn.execute(
+            "CREATE TABLE orders (id int PRIMARY KEY, status text, total numeric)"
+        )
+        slot = f"es_{uuid.uuid4().hex[:10]}"
+        text = f"""
+        connector "cdc" {{
+          type              = "cdc"
+          driver            = "postgres"
+          connection_string = "{pg_logical_database}"
+          tables            = ["orders"]
+          slot_name         = "{slot}"
+        }}
+        connector "es" {{
+          type = "elasticsearch"
+          url  = "{search_url}"
+        }}
+        flow "sync_to_elastic" {{
+          from {{ connector = "cdc"  operation = "orders.*" }}
+          to   {{ connector = "es"   operation = "index"  target = "orders" }}
+        }}
+        """
+        async with running(text):
+            await conn.execute("INSERT INTO orders VALUES (1, 'new', 9.5)")
+            await conn.execute("UPDATE orders SET status = 'paid' WHERE id = 1")
+            await conn.execute("INSERT INTO orders VALUES (2, 'new', 3)")
+
+            async def synced() -> bool:
+                first = await fetch(search_url, "/orders/_doc/1")
+                second = await fetch(search_url, "/orders/_doc/2")
+                return bool(
+                    first.get("found")
+                    and first["_source"]["status"] == "paid"
+                    and second.get("found")
+                )
+
+            await eventually(synced, timeout=15)
+    finally:
+        await conn.close()
+    source = (await fetch(search_url, "/orders/_doc/1"))["_source"]
+    assert {
+        k: source[k] for k in ("id", "status", "total", "_operation", "_table")
+    } == {
+        "id": 1,
+        "status": "paid",
+        "total": 9.5,
+        "_operation": "UPDATE",
+        "_table": "orders",
+    }
+    assert await count(search_url, "orders") == 2
