@@ -3,7 +3,10 @@
 ``to { connector = "db"  target = "messages" }`` inserts each payload (a
 JSON object) as one row of ``messages``: every key names a column, and a
 key that is not a column of the table fails that event with an error naming
-it. Columns the payload leaves out get their defaults.
+it, except keys starting with ``_`` (event metadata, such as CDC's
+``_lsn``), which are skipped when no column has their name (the ``to``
+block's ``extra_keys`` changes this). Columns the payload leaves out get
+their defaults.
 
 The target grammar is ``TABLE``, ``INSERT TABLE`` or ``UPSERT TABLE``;
 ``UPSERT`` updates the row whose conflict key (the to block's ``key``, or
