@@ -63,7 +63,15 @@ class WriteBatch:
         self._scheduled = False
         dirty, self._dirty = self._dirty, []
         for subscriber in dirty:
-            subscriber.write_out()
+            try:
+                subscriber.write_out()
+            except Exception:  # one broken transport must not stall the rest
+                logger.error(
+                    "writing to connection %s failed",
+                    subscriber.connection.id,
+                    exc_info=True,
+                )
+                subscriber.connection.transport.abort()
 
 
 class WsSubscriber(Subscriber):
@@ -86,12 +94,13 @@ class WsSubscriber(Subscriber):
         self.connection = connection
         self._batch = batch
         self._batched = False
-        self._pending: deque[bytes] = deque()
+        # Created on first need: most clients never fall behind.
+        self._pending: deque[bytes] | None = None
         self._flusher: asyncio.Task[None] | None = None
 
     @property
     def depth(self) -> int:
-        return len(self._pending)
+        return len(self._pending) if self._pending is not None else 0
 
     def offer(self, message: Message) -> bool:
         """Write the message's frame now, or queue it; see the module."""
@@ -111,10 +120,13 @@ class WsSubscriber(Subscriber):
             return True
 
         # Slow path: keep order behind what is queued, up to the limit.
-        if len(self._pending) >= self.limit:
+        pending = self._pending
+        if pending is None:
+            pending = self._pending = deque()
+        if len(pending) >= self.limit:
             self.close(f"{SLOW_CONSUMER}: more than {self.limit} messages waiting")
             return False
-        self._pending.append(data)
+        pending.append(data)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
         return True
@@ -141,10 +153,12 @@ class WsSubscriber(Subscriber):
 
     async def _flush(self) -> None:
         connection = self.connection
+        pending = self._pending
+        assert pending is not None
         try:
-            while self._pending and not self.closed:
+            while pending and not self.closed:
                 # send() waits while the transport buffer is above write_limit.
-                await connection.send(self._pending.popleft(), text=True)
+                await connection.send(pending.popleft(), text=True)
         except ConnectionClosed:
             pass
         finally:
@@ -153,5 +167,5 @@ class WsSubscriber(Subscriber):
     def close(self, reason: str = "closed") -> None:
         if self.closed:
             return
-        self._pending.clear()
+        self._pending = None
         super().close(reason)
