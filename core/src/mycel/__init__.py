@@ -23,7 +23,9 @@ from ._auth import (
     build_context,
     check_origin,
 )
-from ._cluster import Backplane, ClusterSettings
+from ._cluster import Backplane, ClusteredHub, ClusterSettings, ToBlock
+from ._cluster import decode as backplane_decode
+from ._cluster import encode as backplane_encode
 from ._config import Config, load_config, load_config_text
 from ._connector import (
     Connector,
@@ -62,6 +64,7 @@ __all__ = [
     "Backplane",
     "CLOSE_TOKEN_EXPIRED",
     "ClusterSettings",
+    "ClusteredHub",
     "Config",
     "ConfigError",
     "Connector",
@@ -96,8 +99,11 @@ __all__ = [
     "Subscriber",
     "SubscriberClosed",
     "Template",
+    "ToBlock",
     "TopicPattern",
     "as_text",
+    "backplane_decode",
+    "backplane_encode",
     "build_context",
     "check_origin",
     "hookimpl",

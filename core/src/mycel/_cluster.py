@@ -34,7 +34,7 @@ import json
 import logging
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -52,6 +52,7 @@ __all__ = [
     "Backplane",
     "ClusterSettings",
     "ClusteredHub",
+    "ToBlock",
     "decode",
     "encode",
 ]
@@ -118,6 +119,17 @@ class Backplane(ABC):
 
         Ids increase along the log, and compare as text when padded the
         way the implementation documents.
+
+        """
+
+    @abstractmethod
+    def history_follow(
+        self, stream: str, after_id: str
+    ) -> AsyncIterator[list[tuple[str, bytes]]]:
+        """Entries after ``after_id`` in batches, oldest first, then new ones.
+
+        Waits for new entries when there are none; never ends on its own.
+        ``after_id="0-0"`` starts with everything still retained.
 
         """
 
@@ -216,13 +228,21 @@ class ClusteredHub(Hub):
         await asyncio.gather(self._writer, return_exceptions=True)
         self._writer = None
 
+    def key_for(self, flow: str, filter: Filter | None, options: Any) -> str | None:
+        """The name of the ``to`` block with this filter and options."""
+        return self._by_identity.get((flow, id(filter), id(options)))
+
+    def block(self, key: str) -> ToBlock:
+        """The ``to`` block named ``key`` (KeyError if there is none)."""
+        return self._blocks[key]
+
     def publish(
         self, topic: str | None, message: Message, filter: Filter | None = None
     ) -> int:
-        key = self._by_identity.get((message.flow, id(filter), id(message.options)))
+        key = self.key_for(message.flow, filter, message.options)
         if key is None:
             # Not from a configured to block (a test, an embedding): local only.
-            return super().publish(topic, message, filter)
+            return self.deliver(topic, message, filter)
         if len(self._outbox) == self._outbox.maxlen:
             self.dropped += 1
             logger.warning(
@@ -273,4 +293,4 @@ class ClusteredHub(Hub):
             flow=block.flow,
             options=block.options,
         )
-        super().publish(record["t"], message, block.filter)
+        self.deliver(record["t"], message, block.filter)

@@ -263,9 +263,17 @@ class Hub:
         """Offer ``message`` to the subscribers of ``topic`` that pass.
 
         ``topic=None`` is a broadcast to every subscriber. Returns how many
-        subscribers the message was queued for. Never blocks.
+        subscribers the message was queued for. Never blocks. In a cluster
+        (see :class:`mycel.ClusterSettings`) the message goes through the
+        backplane to every process, this one included, and this returns 0.
 
         """
+        return self.deliver(topic, message, filter)
+
+    def deliver(
+        self, topic: str | None, message: Message, filter: Filter | None = None
+    ) -> int:
+        """Like :meth:`publish`, to this process's subscribers only."""
         members = self._all if topic is None else self._topics.get(topic)
         if not members:
             return 0

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -139,6 +139,32 @@ class RedisBackplane(Backplane):
                 pipe.pexpire(key, int(ttl * 1000))
             results: list[Any] = await pipe.execute()
         return _text(results[0])
+
+    async def history_follow(
+        self, stream: str, after_id: str
+    ) -> AsyncIterator[list[tuple[str, bytes]]]:
+        key = self._key("history", stream)
+        last = after_id
+        delay = 0.1
+        while True:
+            try:
+                found: Any = await self.client.xread({key: last}, count=500, block=5000)
+            except (RedisError, OSError) as exc:
+                logger.warning(
+                    "Redis backplane: reading %r failed, retrying in %.1fs: %s",
+                    stream,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+                continue
+            delay = 0.1
+            for _key, entries in found or ():
+                batch = [(_text(i), fields[b"d"]) for i, fields in entries]
+                if batch:
+                    last = batch[-1][0]
+                    yield batch
 
     async def history_since(
         self, stream: str, last_id: str

@@ -10,16 +10,28 @@ Each client has a bounded send queue in the hub. A client that falls
 ``send_queue`` events behind, or accepts nothing for ``send_timeout``, is
 disconnected (logged at WARNING); the others never wait for it.
 
-Known limitations: ids and history live in memory, so a restart loses the
-history (reconnecting clients get the ``gap`` event), and several processes
-behind one address do not share ids or histories. A history is kept for
-every stream name that was ever published to, until the process stops.
+In a cluster (a ``cluster { backplane = ... }`` block), every event is
+appended to one shared log in the backplane, ``sse:<connector>``, and each
+process follows that log: it numbers events by their log position, keeps
+the same bounded histories as a single process would, and delivers to its
+own clients. A client that reconnects to another process is replayed what
+it missed from there; a process that starts reads the retained log first.
+Ids then read ``<connector-hash>-<number>`` and are the same on every
+process. A ``to`` succeeds once the backplane has the event.
+
+Known limitations: without a cluster, ids and history live in memory, so a
+restart loses the history (reconnecting clients get the ``gap`` event). A
+history is kept for every stream name that was ever published to, until
+the process stops. In a cluster, the shared log keeps at most
+``history_size`` x 16 events of all streams together, so a client of a
+rarely used stream may get a ``gap`` sooner than without one.
 
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -29,6 +41,7 @@ from typing import Any, ClassVar
 import anyio
 from mycel import (
     AsgiServer,
+    ClusteredHub,
     Connector,
     Delivery,
     DeliveryError,
@@ -38,6 +51,8 @@ from mycel import (
     Settings,
     Subscriber,
     SubscriberClosed,
+    backplane_decode,
+    backplane_encode,
     build_context,
 )
 from sse_starlette import EventSourceResponse, ServerSentEvent
@@ -238,6 +253,15 @@ class SseConnector(Connector):
         self._clients: set[_Client] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self._count_drop = self.services.metrics.slow_dropped.labels(self.name).inc
+        self._backplane = self.services.backplane
+        self._follower: asyncio.Task[None] | None = None
+        self._floor: int | None = None
+        """In a cluster: the first entry of the shared log this process read."""
+        if self._backplane is not None:
+            # Every process must give the same event the same id.
+            seed = f"{self._backplane.namespace}:{self.name}".encode()
+            epoch = hashlib.sha1(seed, usedforsecurity=False).hexdigest()[:8]
+            self._ids = EventIds(epoch, strict=False)
 
     @property
     def port(self) -> int:
@@ -286,7 +310,10 @@ class SseConnector(Connector):
             Starlette(routes=routes, middleware=middleware),
             settings.host,
             settings.port,
+            reuse_port=self.services.reuse_port,
         )
+        if self._backplane is not None:
+            self._follower = asyncio.create_task(self._follow())
         await self._server.start()
         self._watchdog = asyncio.create_task(self._watch_stalls())
         logger.info(
@@ -315,6 +342,10 @@ class SseConnector(Connector):
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+            self._follower = None
         self.services.hub.close_all("server shutting down")
         if self._server is not None:
             await self._server.stop()
@@ -326,6 +357,10 @@ class SseConnector(Connector):
         stream = self._stream_of(delivery.operation)
         options = delivery.options
         event = options.event if isinstance(options, SseToOptions) else None
+
+        if self._backplane is not None:
+            await self._append_shared(stream, event, delivery)
+            return
 
         # Encode once, with its id, for every subscriber and for replay.
         number = self._ids.last + 1
@@ -353,6 +388,95 @@ class SseConnector(Connector):
             )
         history.append(Entry(number, time.monotonic(), message, delivery.filter))
         self.services.hub.publish(stream, message, delivery.filter)
+
+    # Publishing in a cluster
+
+    async def _append_shared(
+        self, stream: str | None, event: str | None, delivery: Delivery
+    ) -> None:
+        """Append to the cluster's log; every process's follower delivers."""
+        hub = self.services.hub
+        assert isinstance(hub, ClusteredHub) and self._backplane is not None
+        key = hub.key_for(delivery.flow, delivery.filter, delivery.options)
+        if key is None:
+            raise DeliveryError(
+                f"flow {delivery.flow!r} is not a to block of this configuration",
+                permanent=True,
+            )
+        try:
+            encode_event("0", event, delivery.payload)  # refuse what SSE cannot send
+            record = backplane_encode(
+                {
+                    "s": stream,
+                    "e": event,
+                    "i": delivery.input,
+                    "p": delivery.payload,
+                    "k": key,
+                }
+            )
+        except (TypeError, ValueError) as exc:
+            raise DeliveryError(
+                f"the payload cannot be sent as JSON: {exc}", permanent=True
+            ) from exc
+        try:
+            await self._backplane.history_append(
+                self._log,
+                record,
+                self._settings.history_size * 16,
+                self._settings.history_ttl,
+            )
+        except Exception as exc:  # the backplane's client raises assorted types
+            raise DeliveryError(
+                f"the cluster backplane refused the event: {exc}"
+            ) from exc
+
+    @property
+    def _log(self) -> str:
+        return f"sse:{self.name}"
+
+    async def _follow(self) -> None:
+        """Deliver and keep every event of the shared log, in log order."""
+        assert self._backplane is not None
+        hub = self.services.hub
+        assert isinstance(hub, ClusteredHub)
+        async for batch in self._backplane.history_follow(self._log, "0-0"):
+            for entry_id, data in batch:
+                number = _log_number(entry_id)
+                if self._floor is None:
+                    # Ids older than the first kept entry may have missed
+                    # something that is gone: replay signals a gap for them.
+                    self._floor = number
+                try:
+                    record = backplane_decode(data)
+                    block = hub.block(record["k"])
+                    encoded = encode_event(
+                        self._ids.format(number), record["e"], record["p"]
+                    )
+                except (KeyError, TypeError, ValueError) as exc:
+                    logger.warning(
+                        "connector %r: skipped log entry %s: %s",
+                        self.name,
+                        entry_id,
+                        exc,
+                    )
+                    continue
+                stream = record["s"]
+                message = Message(
+                    stream,
+                    record["i"],
+                    record["p"],
+                    flow=block.flow,
+                    options=block.options,
+                )
+                message.cache["sse"] = encoded
+                history = self._histories.get(stream)
+                if history is None:
+                    history = self._histories[stream] = History(
+                        self._settings.history_size, self._settings.history_ttl
+                    )
+                history.append(Entry(number, time.monotonic(), message, block.filter))
+                self._ids.last = max(self._ids.last, number)
+                hub.deliver(stream, message, block.filter)
 
     @staticmethod
     def _stream_of(operation: str) -> str | None:
@@ -439,12 +563,20 @@ class SseConnector(Connector):
         keys = (None,) if stream is None else (stream, None)
         histories = [self._histories[key] for key in keys if key in self._histories]
         found = replay(histories, number or 0, context)
-        if found.gap and number is not None:
+        older = number is not None and self._floor is not None and number < self._floor
+        if (found.gap or older) and number is not None:
             head.append(encode_gap(last_event_id, "expired"))
         head.extend(entry.message.cache["sse"] for entry in found.entries)
         for flow, (sent, filtered, failed) in found.counts.items():
             self.services.metrics.fan_out(flow, self.name, sent, filtered, failed)
         return head
+
+
+def _log_number(entry_id: str) -> int:
+    """A log entry's position as one number: ``"1700000000000-3"`` ->
+    1700000000000000003, increasing along the log."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms) * 1_000_000 + int(seq or 0)
 
 
 def _error(status: int, message: str) -> Response:

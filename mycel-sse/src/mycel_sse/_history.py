@@ -57,11 +57,18 @@ __all__ = [
 
 
 class EventIds:
-    """The connector's id sequence: ``EPOCH-NUMBER``; see the module doc."""
+    """The connector's id sequence: ``EPOCH-NUMBER``; see the module doc.
 
-    def __init__(self, epoch: str | None = None) -> None:
+    ``strict`` refuses numbers above the last one given out; a cluster turns
+    it off, because another process may have given out a number this one
+    has not seen yet.
+
+    """
+
+    def __init__(self, epoch: str | None = None, *, strict: bool = True) -> None:
         self.epoch = epoch or secrets.token_hex(4)
         self.last = 0
+        self.strict = strict
 
     def next(self) -> int:
         self.last += 1
@@ -76,7 +83,7 @@ class EventIds:
         if epoch != self.epoch or not number.isdigit():
             return None
         value = int(number)
-        return value if value <= self.last else None
+        return value if value <= self.last or not self.strict else None
 
 
 @dataclass(slots=True)
