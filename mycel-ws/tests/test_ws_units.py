@@ -49,7 +49,9 @@ def test_parse_frame_shortens_long_values_in_errors() -> None:
     with pytest.raises(FrameError) as info:
         parse_frame('{"type": "' + "x" * 100 + '"}')
     assert str(info.value) == (
-        'unknown frame type "' + "x" * 56 + "...; use join_room, leave_room or message"
+        'unknown frame type "'
+        + "x" * 56
+        + "...; use join_room, leave_room, message or auth"
     )
 
 

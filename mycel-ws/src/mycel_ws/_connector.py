@@ -13,8 +13,12 @@ the ``data`` of each message frame to the flow, and ``connect`` and
 Known limitations: ``disconnect`` events are not produced for connections
 that the shutdown itself closes (sources have stopped by then); frames a
 client sends are processed one at a time per connection, in order; and
-``context.params`` are whatever the client wrote, so a filter on them is not
-security.
+``context.params`` are whatever the client wrote, so without an ``auth``
+block a filter on them is not security. With one, a JWT is verified at the
+handshake (HTTP 401 when refused), its claims are ``context.user``, the
+connection closes with 4001 when the token expires unless an ``auth`` frame
+brought a fresh one, and ``join_if`` guards ``join_room`` frames and
+``?rooms=``.
 
 """
 
@@ -26,19 +30,27 @@ import http
 import logging
 import os
 from dataclasses import dataclass
+from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
 from mycel import (
+    ANONYMOUS,
+    CLOSE_TOKEN_EXPIRED,
+    Authenticator,
+    AuthError,
     Connector,
     ConnectorError,
     Delivery,
     DeliveryError,
     Event,
+    ExpiryTimer,
     FlowError,
+    Identity,
     Message,
     Operation,
     SourceBinding,
     Subscriber,
+    check_origin,
 )
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
@@ -50,6 +62,7 @@ from ._context import connection_context, query_params
 from ._frames import (
     ClientFrame,
     FrameError,
+    authenticated_frame,
     check_room,
     error_frame,
     message_frame,
@@ -75,6 +88,8 @@ class _Client:
     params: dict[str, str]
     tokens: float
     stamp: float
+    identity: Identity
+    expiry: ExpiryTimer
     closing: bool = False
 
 
@@ -102,6 +117,9 @@ class WebSocketConnector(Connector):
         self._accepting = False
         self._open: set[ServerConnection] = set()
         self._batch = WriteBatch()
+        self._auth: Authenticator | None = None
+        # Who each connection is, from its handshake until _handle takes it.
+        self._handshakes: dict[ServerConnection, tuple[Identity, dict[str, Any]]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._sources: dict[str, list[tuple[SourceBinding, asyncio.Semaphore]]] = {
             "message": [],
@@ -131,6 +149,9 @@ class WebSocketConnector(Connector):
 
     async def start(self) -> None:
         settings = self._settings
+        if settings.auth is not None:
+            # Keys load here: an unreadable key file stops start-up.
+            self._auth = Authenticator(settings.auth, base_dir=self.services.base_dir)
         try:
             self._server = await serve(
                 self._handle,
@@ -215,16 +236,42 @@ class WebSocketConnector(Connector):
                 f"too many connections: this server takes at most "
                 f"{settings.max_connections}",
             )
+        params = query_params(request.path)
         try:
-            _initial_rooms(query_params(request.path), settings.max_rooms)
+            rooms = _initial_rooms(params, settings.max_rooms)
         except FrameError as exc:
             return _refuse(connection, http.HTTPStatus.BAD_REQUEST, f"rooms: {exc}")
+        identity = ANONYMOUS
+        auth = self._auth
+        if auth is not None:
+            headers = dict(request.headers.raw_items())
+            try:
+                identity = auth.authenticate(
+                    headers, params, _cookies(request.headers.get_all("Cookie"))
+                )
+            except AuthError as exc:
+                response = _refuse(connection, http.HTTPStatus.UNAUTHORIZED, exc.reason)
+                response.headers["WWW-Authenticate"] = exc.www_authenticate
+                return response
+        context = connection_context(str(connection.id), params, identity, auth)
+        if auth is not None:
+            for room in rooms:
+                if not auth.may_join(context, room):
+                    return _refuse(
+                        connection,
+                        http.HTTPStatus.FORBIDDEN,
+                        f"not allowed to join {room!r}",
+                    )
 
         # Hold a place until the TCP connection is gone, whatever happens.
         self._open.add(connection)
-        connection.connection_lost_waiter.add_done_callback(
-            lambda _: self._open.discard(connection)
-        )
+        self._handshakes[connection] = (identity, context)
+
+        def lost(_: object) -> None:
+            self._open.discard(connection)
+            self._handshakes.pop(connection, None)
+
+        connection.connection_lost_waiter.add_done_callback(lost)
         return None
 
     # Connections
@@ -232,9 +279,11 @@ class WebSocketConnector(Connector):
     async def _handle(self, connection: ServerConnection) -> None:
         """Serve one connection from the handshake to its close."""
         assert connection.request is not None
-        params = query_params(connection.request.path)
-        context = connection_context(str(connection.id), params)
-        rooms = _initial_rooms(params, self._settings.max_rooms)
+        rooms = _initial_rooms(
+            query_params(connection.request.path), self._settings.max_rooms
+        )
+        identity, context = self._handshakes.pop(connection)
+        params = context["params"]
 
         # Enter the hub and the rooms first, so that nothing is missed.
         subscriber = self.services.hub.subscribe(
@@ -247,9 +296,21 @@ class WebSocketConnector(Connector):
             ),
         )
         loop = asyncio.get_running_loop()
-        client = _Client(
-            connection, subscriber, params, 2 * self._settings.room_rate, loop.time()
+        expiry = ExpiryTimer(
+            lambda: self._start_closing(
+                connection, CLOSE_TOKEN_EXPIRED, "token expired"
+            )
         )
+        client = _Client(
+            connection,
+            subscriber,
+            params,
+            2 * self._settings.room_rate,
+            loop.time(),
+            identity,
+            expiry,
+        )
+        expiry.schedule(identity)
         logger.debug("connection %s open with %s", connection.id, params)
         try:
             for room in rooms:
@@ -263,6 +324,7 @@ class WebSocketConnector(Connector):
         except ConnectionClosed:
             pass
         finally:
+            expiry.cancel()
             subscriber.close("connection closed")
             if self._accepting:
                 event = _connection_event(client)
@@ -285,6 +347,9 @@ class WebSocketConnector(Connector):
             return
         if frame.type == "message":
             await self._on_message(client, frame)
+            return
+        if frame.type == "auth":
+            await self._on_auth(client, frame.data)
             return
         if not self._take_room_token(client):
             client.closing = True
@@ -310,8 +375,29 @@ class WebSocketConnector(Connector):
             message = f"cannot join {room!r}: already in {limit} rooms (max_rooms)"
             await client.connection.send(error_frame(message), text=True)
             return
+        auth = self._auth
+        if auth is not None and not auth.may_join(subscriber.context, room):
+            message = f"not allowed to join {room!r}"
+            await client.connection.send(error_frame(message), text=True)
+            return
         hub.join(subscriber, room)
         await client.connection.send(room_frame("joined", room), text=True)
+
+    async def _on_auth(self, client: _Client, token: str) -> None:
+        """A fresh token: the connection lives until it expires instead."""
+        connection = client.connection
+        if self._auth is None:
+            message = "this server takes no auth frames (no auth block)"
+            await connection.send(error_frame(message), text=True)
+            return
+        try:
+            identity = self._auth.refresh(client.identity, token)
+        except AuthError as exc:
+            await connection.send(error_frame(exc.reason), text=True)
+            return
+        client.identity = identity
+        client.expiry.schedule(identity)
+        await connection.send(authenticated_frame(identity.expires_at), text=True)
 
     async def _on_message(self, client: _Client, frame: ClientFrame) -> None:
         connection = client.connection
@@ -449,9 +535,19 @@ def _origin_refusal(headers: Headers, allowed: list[str] | None) -> str | None:
         return None  # not a browser; see the allowed_origins setting
     if len(origins) > 1:
         return "more than one Origin header"
-    if origins[0] not in allowed:
+    if not check_origin(origins[0], allowed):
         return f"origin {origins[0]!r} is not allowed"
     return None
+
+
+def _cookies(headers: list[str]) -> dict[str, str]:
+    jar: SimpleCookie = SimpleCookie()
+    for header in headers:
+        try:
+            jar.load(header)
+        except CookieError:
+            continue
+    return {name: morsel.value for name, morsel in jar.items()}
 
 
 def _initial_rooms(params: dict[str, str], limit: int) -> list[str]:

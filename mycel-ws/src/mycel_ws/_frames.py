@@ -5,12 +5,14 @@ Client to server::
     {"type": "join_room", "room": "R"}
     {"type": "leave_room", "room": "R"}
     {"type": "message", "data": ...}
+    {"type": "auth", "token": "JWT"}      (a fresh token, with ``auth``)
 
 Server to client::
 
     {"type": "message", "room": "R", "data": ...}   ("room" only for rooms)
     {"type": "joined", "room": "R"}
     {"type": "left", "room": "R"}
+    {"type": "authenticated", "expires_at": 1767225600}
     {"type": "error", "message": "..."}
 
 """
@@ -29,6 +31,7 @@ __all__ = [
     "MAX_ROOM_LENGTH",
     "ClientFrame",
     "FrameError",
+    "authenticated_frame",
     "encode",
     "error_frame",
     "message_frame",
@@ -39,7 +42,7 @@ __all__ = [
 MAX_ROOM_LENGTH = 200
 """Longest room name, in characters."""
 
-_TYPES = ("join_room", "leave_room", "message")
+_TYPES = ("join_room", "leave_room", "message", "auth")
 
 
 class FrameError(ValueError):
@@ -48,7 +51,8 @@ class FrameError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class ClientFrame:
-    """A checked client frame: ``room`` for joins and leaves, else ``data``."""
+    """A checked client frame: ``room`` for joins and leaves, else ``data``
+    (the token of an ``auth`` frame)."""
 
     type: str
     room: str = ""
@@ -78,12 +82,18 @@ def parse_frame(raw: str | bytes) -> ClientFrame:
     kind = frame["type"]
     if kind not in _TYPES:
         raise FrameError(
-            f"unknown frame type {_shown(kind)}; use join_room, leave_room or message"
+            f"unknown frame type {_shown(kind)}; "
+            "use join_room, leave_room, message or auth"
         )
     if kind == "message":
         if "data" not in frame:
             raise FrameError('a message frame needs "data"')
         return ClientFrame(kind, data=frame["data"])
+    if kind == "auth":
+        token = frame.get("token")
+        if not isinstance(token, str) or not token.strip():
+            raise FrameError('an auth frame needs "token", a non-empty string')
+        return ClientFrame(kind, data=token.strip())
     if "room" not in frame:
         raise FrameError(f'a {kind} frame needs "room"')
     return ClientFrame(kind, room=check_room(frame["room"]))
@@ -128,6 +138,13 @@ def message_frame(room: str | None, data: Any) -> bytes:
 def room_frame(kind: str, room: str) -> bytes:
     """A ``joined`` or ``left`` confirmation."""
     return encode({"type": kind, "room": room})
+
+
+def authenticated_frame(expires_at: float | None) -> bytes:
+    """The answer to an accepted ``auth`` frame: when the server will close."""
+    if expires_at is not None and expires_at.is_integer():
+        return encode({"type": "authenticated", "expires_at": int(expires_at)})
+    return encode({"type": "authenticated", "expires_at": expires_at})
 
 
 def error_frame(message: str) -> bytes:

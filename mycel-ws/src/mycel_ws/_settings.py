@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mycel import Duration, Settings
+from mycel import AuthSettings, Duration, Settings
 from pydantic import Field, field_validator
 
 __all__ = ["WebSocketSettings"]
@@ -39,7 +39,8 @@ class WebSocketSettings(Settings):
     """
 
     allowed_origins: list[str] | None = None
-    """``Origin`` values browsers may connect from (``"*"``: any); null: any.
+    """``Origin`` values browsers may connect from (``"*"``: any,
+    ``"https://*.example.com"``: any subdomain); null: any.
 
     Handshakes without an ``Origin`` header (clients that are not browsers)
     are always allowed: the check protects browsers, it is not authentication.
@@ -60,6 +61,10 @@ class WebSocketSettings(Settings):
     Bursts of up to twice this are allowed; a client that sends more is
     closed with 1008.
     """
+
+    auth: AuthSettings | None = None
+    """The ``auth { ... }`` block: verify a JWT at the handshake; its claims
+    become ``context.user``. Without it, nothing about a client is proven."""
 
     @field_validator("path")
     @classmethod
