@@ -212,7 +212,12 @@ class Connector:
     """True when deliveries go to subscribers and filters run per subscriber."""
 
     ordered: ClassVar[bool] = False
-    """True when the source hands events one at a time, in order."""
+    """True when the source hands events one at a time, in order.
+
+    A statement about the source, which keeps the order itself by awaiting
+    each ``handle.process`` before the next; the flow's ``concurrency``
+    does not apply to it. The runtime does not act on it.
+    """
 
     def __init__(self, name: str, settings: Settings, services: Services) -> None:
         self.name = name
