@@ -244,6 +244,7 @@ class FaultProxy:
         self.faults: list[int] = []
         self.item_faults: list[int] = []
         self.bulk_sizes: list[int] = []
+        self.bulk_queries: list[str] = []
         self.headers: list[dict[str, str]] = []
         self.server = AsgiServer(
             Starlette(
@@ -282,6 +283,7 @@ class FaultProxy:
         body = await request.body()
         if request.url.path == "/_bulk":
             self.bulk_sizes.append(body.count(b'"_index"'))
+            self.bulk_queries.append(request.url.query)
         async with httpx.AsyncClient() as client:
             answer = await client.request(
                 request.method,
@@ -517,3 +519,13 @@ async def test_sync_to_elastic_from_real_change_data_capture(
         "_table": "orders",
     }
     assert await count(search_url, "orders") == 2
+
+
+async def test_refresh_is_passed_to_the_bulk_api(
+    search_url: str, proxy: FaultProxy
+) -> None:
+    extra = 'refresh = "wait_for"'
+    async with running(es_config(proxy.url, SYNC_TO_ELASTIC, extra)) as app:
+        await app.publish("rabbit", "orders.created", {"id": 1})
+        assert await settle(app) == []
+    assert proxy.bulk_queries == ["refresh=wait_for"]
