@@ -341,9 +341,13 @@ async def target_main(count: int, rounds: int) -> None:
                     f"{PREFETCH} at a time, best of {rounds} rounds; Mycel: memory "
                     "source -> rabbitmq target; every round, Mycel "
                     f"{[round(count / wall) for wall, _ in mycel]}, plain "
-                    f"{[round(count / wall) for wall, _ in plain]}"
+                    f"{[round(count / wall) for wall, _ in plain]}; CPU per "
+                    f"message, best round: Mycel "
+                    f"{min(cpu for _, cpu in mycel) / count * 1e6:.0f} µs, plain "
+                    f"{min(cpu for _, cpu in plain) / count * 1e6:.0f} µs"
                 ),
-            }
+            },
+            ensure_ascii=False,
         )
     )
 
