@@ -127,7 +127,8 @@ async def test_compression_is_off_unless_configured() -> None:
         ('{"room": "a"}', 'a frame must be a JSON object with a "type"'),
         (
             '{"type": "subscribe"}',
-            'unknown frame type "subscribe"; use join_room, leave_room, message or auth',
+            'unknown frame type "subscribe"; '
+            "use join_room, leave_room, message or auth",
         ),
         ('{"type": "join_room"}', 'a join_room frame needs "room"'),
         ('{"type": "leave_room"}', 'a leave_room frame needs "room"'),
