@@ -778,3 +778,45 @@ async def test_deleted_exchange_is_declared_again(rabbit: RabbitNamespace) -> No
         assert await next_of(out) == ("out", {"n": 1})
         retries = app.runtime.metrics.retries.labels("produce", "rabbit")._value.get()
     assert retries >= 1
+
+
+async def test_named_queue_is_declared_when_missing(rabbit: RabbitNamespace) -> None:
+    name = f"{rabbit.prefix}fresh"
+    config = (
+        rabbit.connector()
+        + f"""
+    connector "gate" {{ type = "test_gate" }}
+    flow "fresh" {{
+      from {{
+        connector = "rabbit"
+        operation = "fresh.*"
+        queue     = "{name}"
+      }}
+      to   {{ connector = "gate" }}
+    }}
+    """
+    )
+    async with running(config, plugins=PLUGINS) as app:
+        await rabbit.publish("fresh.one", {"n": 1})
+        delivery = await next_of(gate(app).arrived)
+    assert delivery.context["message"]["queue"] == name
+    assert await rabbit.depth(name) == 0
+
+
+async def test_publish_without_confirms(rabbit: RabbitNamespace) -> None:
+    config = (
+        rabbit.connector(publisher_confirms=False)
+        + """
+    connector "mem" { type = "memory" }
+    flow "fire" {
+      from { connector = "mem"     operation = "in" }
+      to   { connector = "rabbit"  target = "fire.x" }
+    }
+    """
+    )
+    received = await rabbit.listen(f"{rabbit.prefix}fired", "fire.*")
+    async with running(config) as app:
+        await app.publish("mem", "in", {"n": 1})
+        message = await next_of(received)
+    assert json.loads(message.body) == {"n": 1}
+    assert message.delivery_mode == aio_pika.DeliveryMode.PERSISTENT
