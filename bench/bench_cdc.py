@@ -38,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import mycel
 from mycel import Runtime
 from mycel.testing import load_test_config
-from mycel_cdc import CdcConnector, parse_lsn
+from mycel_cdc import CdcConnector, Decoder, parse_lsn
+from mycel_cdc._setup import TypeResolver
+from mycel_cdc._stream import ReplicationStream
 
 from testsupport.postgres import PG_BIN, start_logical_cluster
 
@@ -92,6 +94,34 @@ async def run_mycel(dsn: str, slot: str, end: int) -> float:
         await asyncio.sleep(0.002)
     elapsed = time.perf_counter() - started
     await runtime.stop(timeout=5)
+    return elapsed
+
+
+async def run_decoder(dsn: str, slot: str, end: int) -> float:
+    """The connector's own reading and decoding, without the flow engine."""
+    started = time.perf_counter()
+    stream = await ReplicationStream.open(dsn)
+    await stream.start(slot, "bench_pub", 0)
+    targets = (None,)
+    decoder = Decoder(
+        lambda schema, name: {"INSERT": targets}, TypeResolver(dsn).converter
+    )
+    out: list[Any] = []
+    done = 0
+    while done < end:
+        data = stream.poll()
+        if data is None:
+            await stream.wait()
+            continue
+        if data[0] == 119:  # XLogData
+            decoder.decode(bytes(data[25:]), int.from_bytes(data[1:9], "big"), out)
+            if len(out) >= 512:
+                done = max([done, *(i for i in out if isinstance(i, int))])
+                out.clear()
+        elif data[0] == 107:  # keepalive
+            done = max([done, int.from_bytes(data[1:9], "big")])
+    elapsed = time.perf_counter() - started
+    await stream.close()
     return elapsed
 
 
@@ -182,7 +212,7 @@ async def main() -> None:
         # One slot per reader and round, all before the workload is written.
         await sql(dsn, TABLE, "CREATE PUBLICATION bench_pub FOR TABLE bench")
         for n in range(args.rounds):
-            for who in ("mycel", "recv"):
+            for who in ("mycel", "recv", "decode"):
                 slot = f"{who}_{n}"
                 create = (
                     f"SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"
@@ -200,11 +230,14 @@ async def main() -> None:
 
         mycel_times: list[float] = []
         recv_times: list[float] = []
+        decode_times: list[float] = []
         for n in range(args.rounds):
-            order = ("mycel", "recv") if n % 2 == 0 else ("recv", "mycel")
-            for who in order:
+            order = ("mycel", "recv", "decode")
+            for who in order if n % 2 == 0 else reversed(order):
                 if who == "mycel":
                     mycel_times.append(await run_mycel(dsn, f"mycel_{n}", end))
+                elif who == "decode":
+                    decode_times.append(await run_decoder(dsn, f"decode_{n}", end))
                 else:
                     recv_times.append(
                         await asyncio.to_thread(
@@ -224,6 +257,20 @@ async def main() -> None:
                 f"from its own slot; best of {args.rounds} rounds each "
                 f"(Mycel {', '.join(f'{t:.2f}s' for t in mycel_times)}; "
                 f"pg_recvlogical {', '.join(f'{t:.2f}s' for t in recv_times)})"
+            ),
+        )  # fmt: skip
+
+        decode_rate = args.changes / min(decode_times)
+        emit(
+            figure="changes per second, reading and decoding only (no flows)",
+            unit="changes/s", value=round(decode_rate),
+            baseline_name="pg_recvlogical (pgoutput, to /dev/null)",
+            baseline=round(recv_rate), ratio=round(decode_rate / recv_rate, 2),
+            higher_is_better=True, aim="report: the connector's share of the cost",
+            notes=(
+                "mycel_cdc's replication stream and pgoutput decoder into one dict "
+                "per row, without the flow engine; same workload, own slot, best of "
+                f"{args.rounds} ({', '.join(f'{t:.2f}s' for t in decode_times)})"
             ),
         )  # fmt: skip
 

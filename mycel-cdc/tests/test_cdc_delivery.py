@@ -18,7 +18,8 @@ from cdc_support import (
 from mycel.testing import eventually, running
 from mycel_cdc import CdcConnector, parse_lsn
 
-from testsupport.postgres import start_logical_cluster
+from testsupport.base import service_unavailable
+from testsupport.postgres import PostgresUnavailable, start_logical_cluster
 
 
 def gate_flow(operation: str, *, extra: str = "", failures: int = 0) -> str:
@@ -162,11 +163,10 @@ async def test_changes_made_while_stopped_arrive_once_after_restart(
 
 @pytest.mark.slow
 async def test_postgres_restart_reconnects_and_resumes(caplog):
+    # A cluster of its own: restarting the shared one would disturb others.
     try:
         cluster = await asyncio.to_thread(start_logical_cluster)
-    except Exception as exc:  # the fixture module's own error type
-        from testsupport.base import service_unavailable
-
+    except PostgresUnavailable as exc:
         service_unavailable(f"a private PostgreSQL cluster ({exc})")
         raise
     try:

@@ -171,7 +171,12 @@ class CdcConnector(Connector):
         except ConnectorError as exc:
             raise ConnectorError(f"connector {self.name!r}: {exc}") from exc
         self.confirmed = state.confirmed
-        self._stream = await self._open_stream(first=True)
+        try:
+            self._stream = await self._open_stream(first=True)
+        except StreamClosed as exc:
+            raise ConnectorError(
+                f"connector {self.name!r}: cannot start replication: {exc}"
+            ) from exc
         logger.info(
             "connector %r: streaming %s through slot %r from %s",
             self.name,
