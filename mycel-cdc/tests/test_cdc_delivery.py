@@ -198,3 +198,64 @@ async def test_postgres_restart_reconnects_and_resumes(caplog):
         and message.startswith("connector 'cdc': replication resumed from ")
         for level, message in messages
     )
+
+
+@pytest.mark.slow
+async def test_status_updates_keep_an_idle_connection_alive(caplog):
+    # The server drops a replication connection that is silent for
+    # wal_sender_timeout; a cluster of its own so it can be made short.
+    try:
+        cluster = await asyncio.to_thread(start_logical_cluster)
+    except PostgresUnavailable as exc:
+        service_unavailable(f"a private PostgreSQL cluster ({exc})")
+        raise
+    try:
+        dsn = cluster.dsn
+        slot = unique("alive")
+        await execute(
+            dsn,
+            "CREATE TABLE orders (id int PRIMARY KEY)",
+            "ALTER SYSTEM SET wal_sender_timeout = '1s'",
+            "SELECT pg_reload_conf()",
+        )
+        config = cdc_block(dsn, ["orders"], slot, status_interval="200ms")
+        config += flow("f", "orders.INSERT", "out")
+        with caplog.at_level(logging.WARNING, logger="mycel.cdc"):
+            async with running(config) as app:
+                out = app.listen("mem", "out")
+
+                async def sender() -> tuple[int, object] | None:
+                    rows = await query(
+                        dsn,
+                        "SELECT pid, reply_time FROM pg_stat_replication "
+                        "WHERE application_name = 'mycel-cdc' "
+                        "AND reply_time IS NOT NULL",
+                    )
+                    return rows[0] if rows else None
+
+                async def replying() -> bool:
+                    return await sender() is not None
+
+                await eventually(replying, timeout=10)
+                pid, first_reply = await sender()
+
+                # Three timeouts' worth of replies from the same WAL sender.
+                async def replied_for_3s() -> bool:
+                    now = await sender()
+                    return (
+                        now is not None and (now[1] - first_reply).total_seconds() >= 3
+                    )
+
+                await eventually(replied_for_3s, timeout=15, interval=0.2)
+                [(still,)] = await query(
+                    dsn, "SELECT pid FROM pg_stat_replication "
+                    "WHERE application_name = 'mycel-cdc'",
+                )  # fmt: skip
+                await execute(dsn, "INSERT INTO orders VALUES (1)")
+                assert [e["id"] for e in await take(out, 1)] == [1]
+        metrics = app.runtime.metrics.render().decode()
+    finally:
+        await asyncio.to_thread(cluster.stop)
+    assert still == pid
+    assert [r.getMessage() for r in caplog.records if r.name == "mycel.cdc"] == []
+    assert 'mycel_replication_lag_bytes{connector="cdc"}' in metrics
