@@ -1,7 +1,7 @@
 """Which acknowledgement frames the connector sends, and when.
 
 The broker shows whether a message was acknowledged, not in how many
-frames; so these tests give ``_Acker`` a channel that records the frames
+frames; so these tests give ``Acker`` a channel that records the frames
 instead of a real one. The broker tests cover that the acks land.
 
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 
-from mycel_rabbit._connector import _Acker
+from mycel_rabbit._acks import Acker
 
 
 class RecordingChannel:
@@ -28,14 +28,14 @@ class RecordingChannel:
         self.frames.append(("nack", tag, multiple))
 
 
-async def settle(acker: _Acker) -> None:
+async def settle(acker: Acker) -> None:
     await asyncio.sleep(0)  # the flush runs at the end of this loop pass
     await asyncio.gather(*acker.sending)
 
 
-def make() -> tuple[_Acker, RecordingChannel]:
+def make() -> tuple[Acker, RecordingChannel]:
     channel = RecordingChannel()
-    acker = _Acker(channel)  # type: ignore[arg-type]
+    acker = Acker(channel)  # type: ignore[arg-type]
     return acker, channel
 
 

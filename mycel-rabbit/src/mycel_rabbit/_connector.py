@@ -23,9 +23,9 @@ losing the event.
 
 When the connection drops, the connector reconnects with capped exponential
 backoff, declares its exchanges, queues and bindings again, and resumes
-consuming. Messages that were being processed come back from the broker
-(flagged ``redelivered``) and are processed again: delivery is at least
-once, never at most once.
+consuming. Flows still running on the lost connection are cancelled;
+their messages come back from the broker (flagged ``redelivered``) and are
+processed again: delivery is at least once, never at most once.
 
 Known limitations: a message whose processing crashes the whole process
 every time is redelivered forever (there is no delivery limit); a flow
@@ -42,7 +42,7 @@ import logging
 import random
 import uuid
 import weakref
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -53,7 +53,6 @@ from aio_pika.abc import (
     AbstractConnection,
     AbstractQueue,
 )
-from aio_pika.exceptions import CONNECTION_EXCEPTIONS
 from aiormq.abc import DeliveredMessage
 from mycel import (
     Connector,
@@ -69,6 +68,7 @@ from mycel import (
 )
 from prometheus_client import Counter
 
+from ._acks import BROKER_ERRORS, Acker, delivery_tag
 from ._codec import decode_body, encode_payload, envelope
 from ._settings import RabbitFromOptions, RabbitSettings, check_pattern
 
@@ -76,8 +76,6 @@ __all__ = ["RabbitConnector"]
 
 logger = logging.getLogger("mycel.rabbitmq")
 
-_ERRORS = (*CONNECTION_EXCEPTIONS, TimeoutError)
-"""What a broker operation raises when the broker or the connection fails."""
 
 _ERROR_HEADER_LIMIT = 4000
 """Longest error text put in the ``x-mycel-error`` header."""
@@ -101,59 +99,6 @@ def _dead_letter_counter(metrics: Any) -> Counter:
     return counter
 
 
-class _Acker:
-    """Acknowledges the messages of one channel, several per frame if it can.
-
-    A success is not acknowledged at once but at the end of the event loop's
-    current pass: all successes below the oldest message still in progress
-    go in one ``basic.ack`` with ``multiple``, the others one by one. Under
-    load that saves most of the frames (and system calls) a per-message
-    acknowledgement costs. Nothing is acknowledged before its flow finished.
-
-    """
-
-    def __init__(self, channel: aiormq.abc.AbstractChannel) -> None:
-        self.channel = channel
-        self.unsettled: set[int] = set()
-        self.succeeded: set[int] = set()
-        self.sending: set[asyncio.Task[None]] = set()
-        self._scheduled = False
-
-    def received(self, tag: int) -> None:
-        self.unsettled.add(tag)
-
-    def ack(self, tag: int) -> None:
-        self.succeeded.add(tag)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    async def nack(self, tag: int) -> None:
-        """Return one message to its queue, at once."""
-        await _settle(self.channel.basic_nack(tag, requeue=True))
-        self.unsettled.discard(tag)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        if not self.succeeded:
-            return
-        waiting = self.unsettled - self.succeeded
-        oldest = min(waiting) if waiting else None
-        below = [t for t in self.succeeded if oldest is None or t < oldest]
-        frames = [(max(below), True)] if below else []
-        frames += [
-            (t, False) for t in self.succeeded if oldest is not None and t > oldest
-        ]
-        self.unsettled -= self.succeeded
-        self.succeeded.clear()
-        for tag, multiple in frames:
-            task = asyncio.ensure_future(
-                _settle(self.channel.basic_ack(tag, multiple=multiple, wait=False))
-            )
-            self.sending.add(task)
-            task.add_done_callback(self.sending.discard)
-
-
 @dataclass(eq=False)
 class _Consumer:
     """One flow reading one queue."""
@@ -166,7 +111,7 @@ class _Consumer:
     semaphore: asyncio.Semaphore
     queue: AbstractQueue | None = None
     channel: aiormq.abc.AbstractChannel | None = None
-    acker: _Acker | None = None
+    acker: Acker | None = None
     tag: str | None = None
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     settling: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -288,7 +233,7 @@ class RabbitConnector(Connector):
             return  # reconnecting: consumers start once the link is back
         try:
             await self._consume_all(self._session)
-        except _ERRORS as exc:
+        except BROKER_ERRORS as exc:
             raise ConnectorError(
                 f"connector {self.name!r} cannot start consuming on {self._where}: "
                 f"{_describe(exc)}"
@@ -304,7 +249,7 @@ class RabbitConnector(Connector):
                 continue
             try:
                 await channel.basic_cancel(tag)
-            except _ERRORS as exc:
+            except BROKER_ERRORS as exc:
                 logger.debug(
                     "cancelling consumer of %r failed: %s", consumer.queue_name, exc
                 )
@@ -351,13 +296,13 @@ class RabbitConnector(Connector):
                 heartbeat=round(settings.heartbeat),
                 client_properties={"connection_name": f"mycel {self.name}"},
             )
-        except _ERRORS as exc:
+        except BROKER_ERRORS as exc:
             raise ConnectorError(
                 f"cannot connect to RabbitMQ at {self._where}: {_describe(exc)}"
             ) from exc
         try:
             session = await self._declare(connection)
-        except _ERRORS as exc:
+        except BROKER_ERRORS as exc:
             await self._close_quietly(connection)
             raise ConnectorError(
                 f"cannot declare the exchanges and queues of connector "
@@ -428,7 +373,7 @@ class RabbitConnector(Connector):
                 await queue.bind(settings.exchange, consumer.binding.operation)
             consumer.queue = queue
             consumer.channel = await channel.get_underlay_channel()
-            consumer.acker = _Acker(consumer.channel)
+            consumer.acker = Acker(consumer.channel)
             consumer.tag = None
             channels.append(channel)
         return _Session(
@@ -508,7 +453,7 @@ class RabbitConnector(Connector):
             if self._consuming:
                 try:
                     await self._consume_all(session)
-                except _ERRORS as exc:
+                except BROKER_ERRORS as exc:
                     # Lost again at once: the close callback set _lost.
                     logger.debug("resuming consumers failed: %s", exc)
             logger.warning(
@@ -521,7 +466,7 @@ class RabbitConnector(Connector):
     async def _close_quietly(self, connection: AbstractConnection) -> None:
         try:
             await connection.close()
-        except _ERRORS as exc:
+        except BROKER_ERRORS as exc:
             logger.debug("closing the connection failed: %s", exc)
 
     # -- source ------------------------------------------------------------
@@ -541,7 +486,7 @@ class RabbitConnector(Connector):
             )
 
     def _callback(
-        self, consumer: _Consumer, acker: _Acker
+        self, consumer: _Consumer, acker: Acker
     ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
         # Messages come straight from aiormq (aio-pika's own protocol layer):
         # wrapping each in an aio-pika IncomingMessage costs more than the
@@ -552,12 +497,12 @@ class RabbitConnector(Connector):
             task = asyncio.current_task()
             assert task is not None
             consumer.tasks.add(task)
-            acker.received(_tag(message))
+            acker.received(delivery_tag(message))
             try:
                 async with consumer.semaphore:
                     if not self._consuming:
                         # Stopping: leave it to the broker for the next run.
-                        await acker.nack(_tag(message))
+                        await acker.nack(delivery_tag(message))
                         return
                     await self._handle(consumer, acker, message, task)
             finally:
@@ -569,7 +514,7 @@ class RabbitConnector(Connector):
     async def _handle(
         self,
         consumer: _Consumer,
-        acker: _Acker,
+        acker: Acker,
         message: DeliveredMessage,
         task: asyncio.Task[Any],
     ) -> None:
@@ -618,12 +563,12 @@ class RabbitConnector(Connector):
             )
             return
         consumer.settling.add(task)
-        acker.ack(_tag(message))
+        acker.ack(delivery_tag(message))
 
     async def _dead_letter(
         self,
         consumer: _Consumer,
-        acker: _Acker,
+        acker: Acker,
         message: DeliveredMessage,
         reason: str,
     ) -> None:
@@ -665,7 +610,7 @@ class RabbitConnector(Connector):
                 properties=properties,
                 timeout=self._settings.publish_timeout,
             )
-        except (*_ERRORS, aio_pika.exceptions.DeliveryError) as exc:
+        except (*BROKER_ERRORS, aio_pika.exceptions.DeliveryError) as exc:
             logger.error(
                 "flow %r: cannot dead-letter message %s (%s); it goes back to %r",
                 consumer.binding.flow,
@@ -673,10 +618,10 @@ class RabbitConnector(Connector):
                 _describe(exc),
                 consumer.queue_name,
             )
-            await acker.nack(_tag(message))
+            await acker.nack(delivery_tag(message))
             return
         self._dead_lettered.labels(self.name, consumer.binding.flow).inc()
-        acker.ack(_tag(message))
+        acker.ack(delivery_tag(message))
 
     # -- target ------------------------------------------------------------
 
@@ -728,7 +673,7 @@ class RabbitConnector(Connector):
             raise DeliveryError(
                 f"the broker refused the message for routing key {routing_key!r}"
             ) from exc
-        except _ERRORS as exc:
+        except BROKER_ERRORS as exc:
             raise DeliveryError(
                 f"publishing to {self._where} failed: {_describe(exc)}"
             ) from exc
@@ -737,20 +682,6 @@ class RabbitConnector(Connector):
                 f"no queue is bound to exchange {settings.exchange!r} for routing "
                 f"key {routing_key!r}"
             )
-
-
-def _tag(message: DeliveredMessage) -> int:
-    tag = message.delivery_tag
-    assert tag is not None
-    return tag
-
-
-async def _settle(action: Awaitable[None]) -> None:
-    """Await an ack or nack; a lost channel means the broker redelivers."""
-    try:
-        await action
-    except _ERRORS as exc:
-        logger.debug("acknowledgement not sent (%s); the broker redelivers", exc)
 
 
 def _describe(exc: BaseException | None) -> str:
