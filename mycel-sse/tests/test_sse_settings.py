@@ -51,6 +51,7 @@ def test_defaults_and_durations() -> None:
         "send_timeout": 10.0,
         "max_query_length": 2048,
         "cors": None,
+        "auth": None,
     }
     assert config.flows["f"].to[0].operation.source == "broadcast"
 
@@ -100,6 +101,6 @@ def test_cors_credentials_need_listed_origins() -> None:
     found = problems('cors {\n origins = ["*"]\n credentials = true\n}')
     assert found == [
         "connector 'sse': setting 'cors' = {'origins': ['*'], 'credentials': "
-        "True}: credentials cannot be allowed for origins = [\"*\"]; list the "
+        'True}: credentials cannot be allowed for origins = ["*"]; list the '
         "origins instead"
     ]

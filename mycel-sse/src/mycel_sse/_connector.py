@@ -19,6 +19,12 @@ it missed from there; a process that starts reads the retained log first.
 Ids then read ``<connector-hash>-<number>`` and are the same on every
 process. A ``to`` succeeds once the backplane has the event.
 
+With an ``auth`` block a JWT is verified when a stream opens (HTTP 401 when
+refused), its claims are ``context.user``, ``join_if`` guards stream names
+(HTTP 403), and when the token expires the client gets a ``token_expired``
+event and its stream ends. With ``cors``, an ``Origin`` not among its
+origins gets HTTP 403.
+
 Known limitations: without a cluster, ids and history live in memory, so a
 restart loses the history (reconnecting clients get the ``gap`` event). A
 history is kept for every stream name that was ever published to, until
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -40,11 +47,15 @@ from typing import Any, ClassVar
 
 import anyio
 from mycel import (
+    SSE_EXPIRED_EVENT,
     AsgiServer,
+    Authenticator,
+    AuthError,
     ClusteredHub,
     Connector,
     Delivery,
     DeliveryError,
+    ExpiryTimer,
     Identity,
     Message,
     Operation,
@@ -54,6 +65,7 @@ from mycel import (
     backplane_decode,
     backplane_encode,
     build_context,
+    check_origin,
 )
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
@@ -87,6 +99,13 @@ _STREAM_RULE = "use 1 to 128 letters, digits, '_', '-' or '.'"
 
 _UVICORN_INCOMPLETE = "ASGI callable returned without completing response."
 
+_EXPIRED = "token expired"
+"""The reason a subscriber is closed with when its token runs out."""
+
+_EXPIRED_EVENT = (
+    f"event: {SSE_EXPIRED_EVENT}\ndata: " + json.dumps({"message": _EXPIRED}) + "\n\n"
+).encode()
+
 _cut_on_purpose: ContextVar[bool] = ContextVar("mycel_sse_cut", default=False)
 
 
@@ -117,6 +136,7 @@ class _Client:
         "connector",
         "count_drop",
         "cut",
+        "expiry",
         "sending",
         "since",
         "stream",
@@ -134,6 +154,7 @@ class _Client:
         self.since = 0.0
         self.cut = False
         self.cancel: anyio.CancelScope | None = None
+        self.expiry: ExpiryTimer | None = None
 
     def drop(self, reason: str) -> None:
         """Log and count why the client goes; cut it if stuck sending."""
@@ -185,7 +206,10 @@ class _EventStream(EventSourceResponse):
             try:
                 message = await sub.get()
             except SubscriberClosed as exc:
-                yield encode_comment(f"closed: {exc.reason}")
+                if exc.reason == _EXPIRED:
+                    yield _EXPIRED_EVENT
+                else:
+                    yield encode_comment(f"closed: {exc.reason}")
                 return
 
             # Write what has piled up in one go: fewer, larger sends.
@@ -217,6 +241,8 @@ class _EventStream(EventSourceResponse):
                 client.cancel = cancel
                 await super().__call__(scope, receive, counted_send)
         finally:
+            if client.expiry is not None:
+                client.expiry.cancel()
             self._clients.discard(client)
             self._sub.close("client disconnected")
         if client.cut:
@@ -250,6 +276,7 @@ class SseConnector(Connector):
         self._streams: set[str] = set()
         self._any_stream = False
         self._server: AsgiServer | None = None
+        self._auth: Authenticator | None = None
         self._clients: set[_Client] = set()
         self._watchdog: asyncio.Task[None] | None = None
         self._count_drop = self.services.metrics.slow_dropped.labels(self.name).inc
@@ -287,6 +314,9 @@ class SseConnector(Connector):
 
     async def start(self) -> None:
         settings = self._settings
+        if settings.auth is not None:
+            # Keys load here: an unreadable key file stops start-up.
+            self._auth = Authenticator(settings.auth, base_dir=self.services.base_dir)
         path = settings.path
         routes = [
             Route(path, self._open, methods=["GET"]),
@@ -504,10 +534,15 @@ class SseConnector(Connector):
         one) and ``stream`` the stream name, or None on the broadcast path.
         Parameters are claims the client makes about itself, not identity:
         an ``auth`` block verifies a token first and passes its
-        ``identity``, whose claims become ``context.user``.
+        ``identity``, whose claims become ``context.user``; the token's
+        query parameter is left out of ``params``.
 
         """
-        return build_context(dict(request.query_params), identity, {"stream": stream})
+        params = dict(request.query_params)
+        extra = {"stream": stream}
+        if self._auth is not None:
+            return self._auth.build_context(params, identity, extra)
+        return build_context(params, identity, extra)
 
     async def _open(self, request: Request) -> Response:
         # Refuse what cannot be served before taking anything.
@@ -519,10 +554,31 @@ class SseConnector(Connector):
             refusal = self._refuse_stream(stream)
             if refusal is not None:
                 return refusal
+        cors = self._settings.cors
+        if cors is not None and not check_origin(
+            request.headers.get("origin"), cors.origins
+        ):
+            return _error(403, "origin not allowed")
+        identity: Identity | None = None
+        if self._auth is not None:
+            try:
+                identity = self._auth.authenticate(
+                    request.headers, request.query_params, request.cookies
+                )
+            except AuthError as exc:
+                response = _error(exc.status, exc.reason)
+                response.headers["WWW-Authenticate"] = exc.www_authenticate
+                return response
 
         # Subscribe first, then read the history: nothing published in
         # between, since neither step waits, so no event is lost or doubled.
-        context = self.subscriber_context(request, stream)
+        context = self.subscriber_context(request, stream, identity)
+        if (
+            self._auth is not None
+            and stream is not None
+            and not self._auth.may_join(context, stream)
+        ):
+            return _error(403, f"not allowed to join {stream!r}")
         client = _Client(self.name, stream, self._count_drop)
         sub = self.services.hub.subscribe(
             context,
@@ -531,6 +587,9 @@ class SseConnector(Connector):
             on_close=client.on_close,
         )
         client.sub = sub
+        if identity is not None and identity.expires_at is not None:
+            client.expiry = ExpiryTimer(lambda: sub.close(_EXPIRED))
+            client.expiry.schedule(identity)
         head = self._head(stream, context, request.headers.get("last-event-id", ""))
         logger.debug(
             "connector %r: client %d on %s, %d events replayed",

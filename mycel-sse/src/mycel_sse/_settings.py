@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from mycel import Duration, Settings
+from mycel import AuthSettings, Duration, Settings
 from pydantic import Field, field_validator, model_validator
 
 __all__ = [
@@ -101,7 +101,13 @@ class SseSettings(Settings):
     """Longest query string accepted, in bytes; longer ones get 414."""
 
     cors: CorsSettings | None = None
-    """Cross-origin access; without it no CORS headers are sent."""
+    """Cross-origin access; without it no CORS headers are sent. With it, a
+    request whose ``Origin`` is not among ``cors.origins`` gets HTTP 403."""
+
+    auth: AuthSettings | None = None
+    """The ``auth { ... }`` block: verify a JWT when a stream opens; its
+    claims become ``context.user``. Without it, nothing about a client is
+    proven."""
 
     @field_validator("path")
     @classmethod
