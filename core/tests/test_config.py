@@ -501,3 +501,53 @@ def test_only_text_is_masked_as_a_secret() -> None:
 
     assert shown_value("credentials", True) is True
     assert shown_value("api_key", "abc") == "***"
+
+
+def test_whole_block_checks_and_target_checks_are_reported() -> None:
+    from pydantic import model_validator
+
+    from mycel import Connector, Operation, Settings, hookimpl
+
+    class PairSettings(Settings):
+        low: int = 0
+        high: int = 1
+
+        @model_validator(mode="after")
+        def ordered(self) -> PairSettings:
+            if self.low > self.high:
+                raise ValueError("low must not exceed high")
+            return self
+
+    class Table(Connector):
+        type_name = "table"
+        settings_model = PairSettings
+        target_operations = (Operation("insert", "insert a row"),)
+        default_operation = "insert"
+        target_required = True
+
+        @classmethod
+        def check_target(cls, settings: Settings, target: str) -> list[str]:
+            if not target.replace("_", "").isalnum():
+                return [f"{target!r} is not a table name"]
+            return []
+
+    class Plugin:
+        @hookimpl
+        def mycel_connector_types(self) -> list[type[Connector]]:
+            return [Table]
+
+    reg = registry([_builtin, Plugin()], entry_points=False)
+    text = (
+        'connector "t" {\n  type = "table"\n  low = 5\n}\n'
+        'connector "u" { type = "table" }\n'
+        'connector "bus" { type = "memory" }\n'
+        'flow "f" {\n  from { connector = "bus" operation = "a" }\n'
+        '  to { connector = "u" target = "a;drop" }\n'
+        '  to { connector = "u" target = "events_${input.kind}" }\n}\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load_config_text(text, reg, {}, file="app.mycel")
+    assert [str(p) for p in info.value.problems] == [
+        "app.mycel:1: connector 't': low must not exceed high.",
+        "app.mycel:9: flow 'f': 'a;drop' is not a table name.",
+    ]

@@ -189,10 +189,14 @@ class _Checker:
                 f"Add {loc[-1]} = ... to the block.",
             )
         else:
-            value = shown_value(str(loc[-1]), error.get("input"))
             message = error["msg"]
             if message.startswith("Value error, "):
                 message = message[len("Value error, ") :]
+            if not loc:
+                # A check of the whole block (a model validator).
+                self.problem(block, line, f"{what}: {message}")
+                return
+            value = shown_value(str(loc[-1]), error.get("input"))
             self.problem(
                 block, line, f"{what}: setting {name!r} = {value!r}: {message}"
             )
@@ -631,6 +635,11 @@ class _Checker:
                 target_attr.value, block, target_attr.line, f"{what} target"
             )
             ok = ok and target is not None
+            if target is not None:
+                probe = re.sub(r"\$\{.*?\}", "x", target.source)
+                for message in connector.cls.check_target(connector.settings, probe):
+                    self.problem(block, target_attr.line, f"{what}: {message}")
+                    ok = False
         elif connector.cls.target_required:
             self.problem(
                 block,

@@ -242,6 +242,19 @@ class Connector:
         """
         return []
 
+    @classmethod
+    def check_target(cls, settings: Settings, target: str) -> list[str]:
+        """Check a ``to`` block's ``target`` at load time.
+
+        ``target`` is as written, with each ``${...}`` template replaced by
+        ``x``: a table name, an index, a routing key. Return one message per
+        problem (lowercase, no final period). The default finds nothing
+        wrong; a template's rendered value is still the connector's to check
+        per event.
+
+        """
+        return []
+
     def bind_source(self, binding: SourceBinding) -> None:
         """Attach a flow that reads from this connector (before start)."""
         self.bindings.append(binding)
