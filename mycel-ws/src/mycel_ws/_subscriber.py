@@ -153,10 +153,9 @@ class WsSubscriber(Subscriber):
 
     async def _flush(self) -> None:
         connection = self.connection
-        pending = self._pending
-        assert pending is not None
         try:
-            while pending and not self.closed:
+            # close() drops the queue (None), possibly before this task ran.
+            while (pending := self._pending) and not self.closed:
                 # send() waits while the transport buffer is above write_limit.
                 await connection.send(pending.popleft(), text=True)
         except ConnectionClosed:
