@@ -119,3 +119,27 @@ async def test_a_missing_folder_stops_the_start(tmp_path: Path) -> None:
         "database 'db': cannot connect (sqlite): the folder of "
         f"{str(folder / 'nowhere' / 'app.db')!r} does not exist; create it first"
     )
+
+
+def test_a_target_outside_the_grammar_is_refused_at_load() -> None:
+    from mycel import ConfigError
+    from mycel.testing import load_test_config
+
+    text = """
+    connector "bus" { type = "memory" }
+    connector "db" {
+      type     = "database"
+      database = ":memory:"
+    }
+    flow "f" {
+      from { connector = "bus" operation = "a" }
+      to   { connector = "db"  target = "messages; DROP TABLE x" }
+    }
+    """
+    with pytest.raises(ConfigError) as info:
+        load_test_config(text)
+    assert [str(p) for p in info.value.problems] == [
+        "test.mycel:9: flow 'f': target 'messages; DROP TABLE x' is not TABLE, "
+        "INSERT TABLE or UPSERT TABLE (TABLE: letters, digits and _, optionally "
+        "schema.table)."
+    ]

@@ -113,6 +113,15 @@ class DatabaseConnector(Connector):
     target_required = True
     to_options = DatabaseToOptions
 
+    @classmethod
+    def check_target(cls, settings: Settings, target: str) -> list[str]:
+        """Refuse a target outside the grammar when the configuration loads."""
+        try:
+            parse_target(target)
+        except ValueError as exc:
+            return [str(exc)]
+        return []
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         assert isinstance(self.settings, DatabaseSettings)
