@@ -42,18 +42,16 @@ class InFlight:
         self.count = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._metrics = metrics
+        if metrics is not None:
+            metrics.in_flight.set_function(lambda: self.count)
 
     def enter(self) -> None:
+        if self.count == 0:
+            self._idle.clear()
         self.count += 1
-        self._idle.clear()
-        if self._metrics is not None:
-            self._metrics.in_flight.inc()
 
     def leave(self) -> None:
         self.count -= 1
-        if self._metrics is not None:
-            self._metrics.in_flight.dec()
         if self.count == 0:
             self._idle.set()
 
@@ -95,16 +93,15 @@ class FlowHandle:
         self._transform = flow.transform
         self._targets = [_Target(to, targets[to.connector]) for to in flow.to]
         self._metrics = metrics
-        self._events_in = metrics.events_in.labels(flow.name)
+        self._events_in = metrics.events_in.cell(flow.name)
         self._events_out = {
-            t.label: metrics.events_out.labels(flow.name, t.label)
-            for t in self._targets
+            t.label: metrics.events_out.cell(flow.name, t.label) for t in self._targets
         }
         self._in_flight = in_flight
 
     async def process(self, event: Event) -> None:
         """Run the flow for ``event``; raise FlowError if it gave up."""
-        self._events_in.inc()
+        self._events_in[0] += 1
         self._in_flight.enter()
         try:
             await self._process(event)
@@ -215,7 +212,7 @@ class FlowHandle:
                     exc_info=exc,
                 )
             else:
-                self._events_out[target.label].inc()
+                self._events_out[target.label][0] += 1
                 return
             if permanent or attempt >= retry.attempts:
                 tries = "1 try" if attempt == 1 else f"{attempt} tries"
