@@ -448,8 +448,11 @@ async def test_publish_with_confirms(rabbit: RabbitNamespace) -> None:
         message = await next_of(received)
         await app.publish("mem", "orders.INSERT", {"kind": "created", "total": 1})
         second = await next_of(received)
-        sent = app.runtime.metrics.events_out.labels("notify_on_insert", "rabbit")
-        await eventually(lambda: sent._value.get() == 2)
+        registry = app.runtime.metrics.registry
+        labels = {"flow": "notify_on_insert", "connector": "rabbit"}
+        await eventually(
+            lambda: registry.get_sample_value("mycel_events_out_total", labels) == 2
+        )
     assert json.loads(message.body) == {"kind": "created", "total": 9.5}
     assert message.routing_key == "order.created"
     assert message.exchange == rabbit.exchange
@@ -500,10 +503,10 @@ async def test_unroutable_is_fine_without_mandatory(rabbit: RabbitNamespace) -> 
     )
     async with running(config) as app:
         await app.publish("mem", "in", {"n": 1})
+        registry = app.runtime.metrics.registry
+        labels = {"flow": "out", "connector": "rabbit"}
         await eventually(
-            lambda: (
-                app.runtime.metrics.events_out.labels("out", "rabbit")._value.get() == 1
-            )
+            lambda: registry.get_sample_value("mycel_events_out_total", labels) == 1
         )
         assert list(app.memory("mem").dead_letters) == []
 
