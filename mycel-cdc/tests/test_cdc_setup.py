@@ -225,3 +225,28 @@ def test_describe_masks_the_password():
         "postgresql://u:***@h/db"
     )
     assert psycopg  # the driver is importable alongside
+
+
+async def test_status_interval_near_the_server_timeout_is_warned(
+    pg_logical_database, caplog
+):
+    import logging
+
+    dsn = pg_logical_database
+    await execute(dsn, "CREATE TABLE orders (id int PRIMARY KEY)")
+    [(timeout_ms,)] = await query(
+        dsn, "SELECT setting::int FROM pg_settings WHERE name = 'wal_sender_timeout'"
+    )
+    config = cdc_block(dsn, ["orders"], unique("slow"), status_interval="40s")
+    config += flow("f", "orders.*", "o")
+    with caplog.at_level(logging.WARNING, logger="mycel.cdc"):
+        async with running(config):
+            pass
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        (
+            "WARNING",
+            f"status_interval 40.0s is not well below the server's "
+            f"wal_sender_timeout of {timeout_ms}ms; the server may drop the "
+            "connection",
+        )
+    ]
