@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import hmac
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from mycel.testing import App, eventually, free_port, running
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from mycel.testing import App, eventually, free_port, running, write_config
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -309,3 +315,55 @@ async def test_auth_frames_without_an_auth_block_are_errors() -> None:
             "type": "error",
             "message": "this server takes no auth frames (no auth block)",
         }
+
+
+def hs256_with(secret: bytes, claims: dict[str, Any]) -> str:
+    """A token "signed" with HS256 and ``secret``, built by hand: PyJWT
+    rightly refuses to use a public key as an HMAC secret."""
+
+    def part(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    head = part(json.dumps({"alg": "HS256", "typ": "JWT"}).encode())
+    body = part(json.dumps(claims).encode())
+    mac = hmac.new(secret, f"{head}.{body}".encode(), hashlib.sha256).digest()
+    return f"{head}.{body}.{part(mac)}"
+
+
+async def test_public_key_file_and_cookie(tmp_path: Path) -> None:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "login.pem").write_bytes(pem)
+    port = free_port()
+    auth = """
+      auth {
+        required = true
+        cookie   = "session"
+        jwt { public_key = "keys/login.pem" }
+      }
+    """
+    write_config(
+        ws_config(port, auth, FLOWS.split('flow "tenant"', maxsplit=1)[0]), tmp_path
+    )
+    url = f"ws://127.0.0.1:{port}/ws"
+    claims = {"sub": "alice", "exp": int(time.time()) + 300}
+    signed = jwt.encode(claims, key, algorithm="RS256")
+    async with running(tmp_path) as app:
+        async with connect(
+            url, additional_headers={"Cookie": f"session={signed}"}
+        ) as ws:
+            await clients(app, 1)
+            await app.publish("mem", "orders", {"user_id": "alice", "n": 1})
+            assert await receive(ws) == {
+                "type": "message",
+                "data": {"user_id": "alice", "n": 1},
+            }
+        # Algorithm confusion: HS256 "signed" with the public key's PEM text.
+        confused = hs256_with(pem, claims)
+        assert (await refusal(f"{url}?token={confused}"))[:2] == (
+            401,
+            "algorithm not allowed\n",
+        )
