@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import httpx
 import jwt
 import pytest
-from mycel.testing import App, running
+from cryptography.hazmat.primitives.asymmetric import ec
+from mycel.testing import App, running, write_config
 from mycel_sse import SseConnector
 
 from testsupport.sse import SseEvent, open_stream
@@ -220,3 +222,31 @@ async def test_expired_token_ends_the_stream_with_token_expired() -> None:
                 SseEvent('{"message": "token expired"}', "token_expired")
             ]
         assert app.connector("sse").services.hub.topic_size("acme-orders") == 0
+
+
+async def test_jwks_file_picks_the_key_by_kid(tmp_path: Path) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    jwk = json.loads(jwt.algorithms.ECAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="k1", alg="ES256", use="sig")
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    config = CONFIG.format(required="true", secret="").replace(
+        'secret     = ""', 'jwks_file = "jwks.json"'
+    )
+    config = config.replace('algorithms = ["HS256"]', "")
+    write_config(config, tmp_path)
+    claims = {"sub": "alice", "aud": "dashboard", "tenant": "acme"}
+    claims["exp"] = int(time.time()) + 300
+    async with running(tmp_path) as app:
+        url = f"{base_url(app)}/acme-orders"
+        good = jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k1"})
+        async with open_stream(url, {"authorization": f"Bearer {good}"}) as stream:
+            await publish(app, "orders", {"user_id": "alice", "n": 1})
+            assert json.loads((await stream.event()).data) == {
+                "user_id": "alice",
+                "n": 1,
+            }
+        other = jwt.encode(claims, key, algorithm="ES256", headers={"kid": "k2"})
+        assert (await get(f"{url}?token={other}"))[:2] == (
+            401,
+            {"error": "unknown key"},
+        )
