@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -329,3 +329,31 @@ async def test_timer_is_cancelled_when_the_connection_ends() -> None:
             (connection,) = app.connector("gql").server.connections
             assert connection.expiry.pending
         await eventually(lambda: not connection.expiry.pending)
+
+
+async def test_reference_client_authenticates_with_connection_params(
+    graphql_js_client: Callable[..., Any],
+) -> None:
+    async with server() as (app, url):
+        args = {
+            "url": url,
+            "query": "subscription { orderUpdated }",
+            "count": 1,
+            "connectionParams": {"token": token("alice"), "userId": "bob"},
+        }
+        async with graphql_js_client("subscribe.mjs", args) as client:
+            assert await client.line() == {"event": "connected"}
+            await subscribers(app, "orderUpdated", 1)
+            await app.publish("mem", "orders", {"user_id": "bob", "n": 1})
+            await app.publish("mem", "orders", {"user_id": "alice", "n": 2})
+            assert await client.line() == {
+                "event": "next",
+                "payload": {"data": {"orderUpdated": {"user_id": "alice", "n": 2}}},
+            }
+        args["connectionParams"] = {"token": token(key=OTHER_SECRET)}
+        async with graphql_js_client("subscribe.mjs", args) as client:
+            assert await client.line() == {
+                "event": "closed",
+                "code": 4401,
+                "reason": "bad signature",
+            }
