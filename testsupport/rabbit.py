@@ -45,7 +45,6 @@ class RabbitNamespace:
         self.dead_queue = f"{self.prefix}dead"
         self._connection: Any = None
         self._channel: Any = None
-        self._consumers: list[tuple[Any, str]] = []
 
     def connector(
         self, name: str = "rabbit", *, url: str | None = None, **extra: Any
@@ -122,8 +121,7 @@ class RabbitNamespace:
             await message.ack()
             received.put_nowait(message)
 
-        tag = await declared.consume(on_message)
-        self._consumers.append((declared, tag))
+        await declared.consume(on_message)
         return received
 
     async def depth(self, queue: str) -> int:
