@@ -92,8 +92,12 @@ class Relation:
     columns: list[tuple[str, Converter | None]] = field(default_factory=list)
     """(name, converter) per column, in order: what decoding walks."""
 
+    insert_targets: Targets = ()
+    """``routes["INSERT"]``, looked up once: inserts are the common case."""
+
     def __post_init__(self) -> None:
         self.columns = list(zip(self.names, self.converters, strict=True))
+        self.insert_targets = self.routes.get("INSERT", ())
 
 
 Change = tuple[dict[str, Any], Targets]
@@ -253,8 +257,10 @@ class Decoder:
         return row
 
     def _insert(self, data: bytes, lsn: int, out: list[Change | int]) -> None:
-        rel = self._relation_for(data)
-        targets = rel.routes.get("INSERT")
+        rel = self.relations.get(_RELATION_HEAD.unpack_from(data, 1)[0])
+        if rel is None:
+            rel = self._relation_for(data)  # raises the error
+        targets = rel.insert_targets
         if not targets:
             return
         row, unchanged, _ = self._tuple(data, 6, rel)
