@@ -81,7 +81,11 @@ class GraphqlServer:
             )
 
         self._server = mycel.AsgiServer(
-            self.app, self.settings.host, self.settings.port, interface="asgi3"
+            self.app,
+            self.settings.host,
+            self.settings.port,
+            interface="asgi3",
+            reuse_port=self.services.reuse_port,
         )
         await self._server.start()
         host, port = self.settings.host, self._server.port

@@ -167,6 +167,8 @@ class WebSocketConnector(Connector):
                 server_header=None,
                 # Room for bursts of handshakes (the kernel caps it at somaxconn).
                 backlog=1024,
+                # Under `mycel run --workers N`, the workers share the port.
+                reuse_port=self.services.reuse_port,
             )
         except OSError as exc:
             reason = os.strerror(exc.errno) if exc.errno else str(exc)

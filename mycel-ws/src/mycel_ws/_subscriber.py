@@ -27,6 +27,8 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
+from ._frames import message_frame
+
 __all__ = ["FRAME_CACHE_KEY", "SLOW_CONSUMER", "WriteBatch", "WsSubscriber"]
 
 logger = logging.getLogger("mycel.ws")
@@ -109,7 +111,13 @@ class WsSubscriber(Subscriber):
         connection = self.connection
         if connection.protocol.state is not State.OPEN:
             return False
-        data: bytes = message.cache[FRAME_CACHE_KEY]
+        data: bytes | None = message.cache.get(FRAME_CACHE_KEY)
+        if data is None:
+            # From another process, through the cluster's backplane: the
+            # first subscriber here encodes it for all the others.
+            data = message.cache[FRAME_CACHE_KEY] = message_frame(
+                message.topic, message.payload
+            )
 
         # Fast path: nothing queued and room in the transport buffer.
         if self._flusher is None and not connection.paused:
