@@ -3,7 +3,6 @@
 import asyncio
 import subprocess
 
-import psycopg
 import pytest
 from cdc_support import cdc_block, execute, flow, query, unique
 from mycel import ConfigError, ConnectorError
@@ -224,7 +223,13 @@ def test_describe_masks_the_password():
     assert runtime.connector("cdc").describe()["connection_string"] == (
         "postgresql://u:***@h/db"
     )
-    assert psycopg  # the driver is importable alongside
+    config = load_test_config(
+        cdc_block("host=h password=secret dbname=db", ["t"], "s")
+        + flow("f", "t.*", "o")
+    )
+    assert Runtime(config).connector("cdc").describe()["connection_string"] == (
+        "host=h password=*** dbname=db"
+    )
 
 
 async def test_status_interval_near_the_server_timeout_is_warned(
