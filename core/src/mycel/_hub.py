@@ -112,23 +112,27 @@ class Subscriber:
         self.closed = False
         self.close_reason = ""
         self.on_close = on_close
-        self._queue: deque[Message] = deque()
+        # Created on first use: subscribers that write directly never need it.
+        self._queue: deque[Message] | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._hub = hub
 
     @property
     def depth(self) -> int:
         """Messages waiting to be sent."""
-        return len(self._queue)
+        return len(self._queue) if self._queue is not None else 0
 
     def offer(self, message: Message) -> bool:
         """Queue a message; close the subscriber when its queue is full."""
         if self.closed:
             return False
-        if len(self._queue) >= self.limit:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        elif len(queue) >= self.limit:
             self.close(f"{SLOW_CONSUMER} ({self.limit} messages)")
             return False
-        self._queue.append(message)
+        queue.append(message)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -164,7 +168,7 @@ class Subscriber:
             return
         self.closed = True
         self.close_reason = reason
-        self._queue.clear()
+        self._queue = None
         self._hub._remove(self)
         waiter = self._waiter
         if waiter is not None and not waiter.done():
