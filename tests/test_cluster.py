@@ -20,8 +20,8 @@ import httpx
 import pytest
 import redis
 import websockets
-
 from mycel.testing import free_port
+
 from testsupport.base import port_open, service_unavailable
 from testsupport.sse import open_stream
 
