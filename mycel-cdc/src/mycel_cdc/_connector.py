@@ -283,22 +283,32 @@ class CdcConnector(Connector):
                 )
                 delay = _RECONNECT_FIRST
 
-            # Read until the session breaks.
+            # Read until the session breaks; pause before reconnecting only
+            # when the cause was not the connection (it would recur at once).
             stream = self._stream
+            pause = 0.0
             try:
                 await self._pump(stream)
-            except (StreamClosed, DecodeError) as exc:
-                level = (
-                    logging.ERROR if isinstance(exc, DecodeError) else logging.WARNING
+            except StreamClosed as exc:
+                logger.warning(
+                    "connector %r: replication stream lost: %s", self.name, exc
                 )
-                logger.log(
-                    level,
-                    "connector %r: replication stream lost: %s",
-                    self.name,
-                    exc,
+            except DecodeError as exc:
+                logger.error(
+                    "connector %r: cannot decode the replication stream: %s",
+                    self.name, exc,
+                )  # fmt: skip
+                pause = delay
+            except Exception as exc:  # top of the task loop: never die silently
+                logger.error(
+                    "connector %r: replication failed", self.name, exc_info=exc
                 )
+                pause = delay
             self._stream = None
             await stream.close()
+            if pause:
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, _RECONNECT_MAX)
 
     async def _pump(self, stream: ReplicationStream) -> None:
         decoder = self._decoder
@@ -364,6 +374,8 @@ class CdcConnector(Connector):
                         await binding.handle.process(event)
                     except FlowError as exc:
                         await self._failed(binding, event, exc)
+                    except Exception as exc:  # a bug below: never die silently
+                        await self._failed(binding, event, _as_flow_error(binding, exc))
                 else:
                     await asyncio.gather(*(self._run(b, event) for b in targets))
 
@@ -373,6 +385,8 @@ class CdcConnector(Connector):
             await binding.handle.process(event)
         except FlowError as exc:
             await self._failed(binding, event, exc)
+        except Exception as exc:  # a bug below: never die silently
+            await self._failed(binding, event, _as_flow_error(binding, exc))
 
     async def _failed(
         self, binding: SourceBinding, event: Event, error: FlowError
@@ -408,6 +422,8 @@ class CdcConnector(Connector):
                 return
             except FlowError as exc:
                 error = exc
+            except Exception as exc:  # a bug below: never die silently
+                error = _as_flow_error(binding, exc)
 
     async def _status_loop(self) -> None:
         # Report soon after the position moves, and every status_interval
@@ -428,6 +444,11 @@ class CdcConnector(Connector):
     async def _send_status(self, stream: ReplicationStream) -> None:
         await stream.send_status(max(self._received, self.confirmed), self.confirmed)
         self._lag.set(max(0, self._server_end - self.confirmed))
+
+
+def _as_flow_error(binding: SourceBinding, exc: Exception) -> FlowError:
+    logger.error("flow %r raised unexpectedly", binding.flow, exc_info=exc)
+    return FlowError(binding.flow, f"{type(exc).__name__}: {exc}")
 
 
 def _where(payload: dict[str, Any]) -> str:

@@ -111,12 +111,17 @@ class ReplicationStream:
         Raises :class:`StreamClosed` when the session has ended.
 
         """
-        size, data = self._pgconn.get_copy_data(1)
-        if size == 0:
-            self._consume()
+        try:
             size, data = self._pgconn.get_copy_data(1)
             if size == 0:
-                return None
+                self._consume()
+                size, data = self._pgconn.get_copy_data(1)
+                if size == 0:
+                    return None
+        except psycopg.Error as exc:
+            # libpq reports a broken session as an error of get_copy_data.
+            self.closed = True
+            raise StreamClosed(str(exc).strip() or "connection lost") from exc
         if size > 0:
             return data
         self.closed = True
@@ -138,7 +143,12 @@ class ReplicationStream:
 
         """
         message = _STATUS.pack(b"r", write, flush, flush, _now_micros(), int(reply))
-        if self._pgconn.put_copy_data(message) != 1:
+        try:
+            sent = self._pgconn.put_copy_data(message)
+        except psycopg.Error as exc:
+            self.closed = True
+            raise StreamClosed(str(exc).strip() or "cannot send") from exc
+        if sent != 1:
             raise StreamClosed(
                 self._pgconn.get_error_message().strip() or "cannot send"
             )
@@ -153,7 +163,7 @@ class ReplicationStream:
     def _consume(self) -> None:
         try:
             self._pgconn.consume_input()
-        except psycopg.OperationalError as exc:
+        except psycopg.Error as exc:
             self.closed = True
             raise StreamClosed(str(exc).strip() or "connection lost") from exc
 
@@ -165,7 +175,7 @@ class ReplicationStream:
         while True:
             try:
                 pending = self._pgconn.flush()
-            except psycopg.OperationalError as exc:
+            except psycopg.Error as exc:
                 self.closed = True
                 raise StreamClosed(str(exc).strip() or "connection lost") from exc
             if pending == 0:
