@@ -75,3 +75,28 @@ def test_header_values_become_plain() -> None:
             "d": datetime.datetime(2026, 1, 2, 3, 4, 5),
         }
     ) == {"a": "bytes", "b": 1.5, "c": [1, "x"], "d": "2026-01-02T03:04:05"}
+
+
+def test_headers_read_back_can_be_written_again() -> None:
+    import struct
+
+    from mycel_rabbit._codec import encodable
+    from pamqp import decode, encode
+
+    # A long-string header that is not UTF-8, as another client may send it:
+    # the decoder gives bytes, which the encoder refuses.
+    raw = b"S" + struct.pack(">I", 1) + b"\xff"
+    table = b"\x01k" + raw
+    _, headers = decode.field_table(struct.pack(">I", len(table)) + table)
+    assert headers == {"k": b"\xff"}
+    with pytest.raises(TypeError):
+        encode.field_table(headers)
+
+    copy = encodable({**headers, "n": [b"a", 1], "t": {"x": b"y"}})
+    assert copy == {
+        "k": bytearray(b"\xff"),
+        "n": [bytearray(b"a"), 1],
+        "t": {"x": bytearray(b"y")},
+    }
+    _, again = decode.field_table(encode.field_table(copy))
+    assert again["k"] == bytearray(b"\xff")

@@ -406,6 +406,29 @@ async def test_poison_message_is_dead_lettered_at_once(
     )
 
 
+async def test_dead_letter_keeps_binary_headers(rabbit: RabbitNamespace) -> None:
+    config = (
+        rabbit.connector()
+        + """
+    connector "gate" { type = "test_gate" }
+    flow "bin" {
+      from  { connector = "rabbit"  operation = "bin" }
+      transform { id = "input.missing" }
+      to    { connector = "gate" }
+    }
+    """
+    )
+    dead = await rabbit.listen(rabbit.dead_queue)
+    async with running(config, plugins=PLUGINS):
+        await rabbit.publish(
+            "bin", {"n": 1}, headers={"raw": bytearray(b"\xff\x00"), "n": 5}
+        )
+        message = await next_of(dead)
+    assert message.headers["raw"] == bytearray(b"\xff\x00")
+    assert message.headers["n"] == 5
+    assert message.headers["x-mycel-flow"] == "bin"
+
+
 async def test_permanent_failure_skips_retries(rabbit: RabbitNamespace) -> None:
     config = (
         rabbit.connector()

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiormq.abc import DeliveredMessage
 
-__all__ = ["decode_body", "encode_payload", "envelope", "plain"]
+__all__ = ["decode_body", "encodable", "encode_payload", "envelope", "plain"]
 
 
 def decode_body(body: bytes) -> Any:
@@ -84,6 +84,23 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [plain(item) for item in value]
     return str(value)
+
+
+def encodable(value: Any) -> Any:
+    """A header value as the AMQP encoder can write it back.
+
+    The decoder gives a long string that is not UTF-8 as ``bytes``, which
+    the encoder refuses; as ``bytearray`` it goes out as a byte array, with
+    the same bytes.
+
+    """
+    if isinstance(value, bytes):
+        return bytearray(value)
+    if isinstance(value, dict):
+        return {key: encodable(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [encodable(item) for item in value]
+    return value
 
 
 def envelope(message: DeliveredMessage, queue: str) -> dict[str, Any]:

@@ -69,7 +69,7 @@ from mycel import (
 from prometheus_client import Counter
 
 from ._acks import BROKER_ERRORS, Acker, delivery_tag
-from ._codec import decode_body, encode_payload, envelope
+from ._codec import decode_body, encodable, encode_payload, envelope
 from ._settings import RabbitFromOptions, RabbitSettings, check_pattern
 
 __all__ = ["RabbitConnector"]
@@ -574,16 +574,50 @@ class RabbitConnector(Connector):
     ) -> None:
         """Publish a copy with the reason, confirmed, then ack the original."""
         original = message.header.properties
-        headers = dict(original.headers or {})
-        headers.update(
-            {
-                "x-mycel-error": reason[:_ERROR_HEADER_LIMIT],
-                "x-mycel-flow": consumer.binding.flow,
-                "x-mycel-queue": consumer.queue_name,
-                "x-mycel-exchange": message.exchange or "",
-                "x-mycel-routing-key": message.routing_key or "",
-            }
-        )
+        ours = {
+            "x-mycel-error": reason[:_ERROR_HEADER_LIMIT],
+            "x-mycel-flow": consumer.binding.flow,
+            "x-mycel-queue": consumer.queue_name,
+            "x-mycel-exchange": message.exchange or "",
+            "x-mycel-routing-key": message.routing_key or "",
+        }
+        headers = {**encodable(dict(original.headers or {})), **ours}
+        try:
+            try:
+                await self._publish_dead_letter(message, headers)
+            except (TypeError, ValueError) as exc:
+                # A header we could read but not write back: keep the message
+                # and the reason, and say which headers were left out.
+                logger.warning(
+                    "flow %r: headers of message %s cannot be copied (%s); "
+                    "dead-lettering it without them",
+                    consumer.binding.flow,
+                    original.message_id,
+                    exc,
+                )
+                dropped = ", ".join(sorted(str(k) for k in original.headers or {}))
+                await self._publish_dead_letter(
+                    message, {**ours, "x-mycel-dropped-headers": dropped}
+                )
+        except (*BROKER_ERRORS, aio_pika.exceptions.DeliveryError) as exc:
+            logger.error(
+                "flow %r: cannot dead-letter message %s (%s); it goes back to %r",
+                consumer.binding.flow,
+                original.message_id,
+                _describe(exc),
+                consumer.queue_name,
+            )
+            await acker.nack(delivery_tag(message))
+            return
+        self._dead_lettered.labels(self.name, consumer.binding.flow).inc()
+        acker.ack(delivery_tag(message))
+
+    async def _publish_dead_letter(
+        self, message: DeliveredMessage, headers: dict[str, Any]
+    ) -> None:
+        """Publish the copy, confirmed; raise if the broker does not take it."""
+        original = message.header.properties
+
         # The copy drops expiration (it would expire the dead letter) and
         # user_id (the broker checks it against our login).
         properties = aiormq.spec.Basic.Properties(
@@ -600,28 +634,15 @@ class RabbitConnector(Connector):
             app_id=original.app_id,
         )
         session = self._session
-        try:
-            if session is None:
-                raise ConnectionError("not connected")
-            await session.dead_letter_publisher.basic_publish(
-                message.body,
-                exchange=self._settings.dead_letter_exchange,
-                routing_key=message.routing_key or "",
-                properties=properties,
-                timeout=self._settings.publish_timeout,
-            )
-        except (*BROKER_ERRORS, aio_pika.exceptions.DeliveryError) as exc:
-            logger.error(
-                "flow %r: cannot dead-letter message %s (%s); it goes back to %r",
-                consumer.binding.flow,
-                original.message_id,
-                _describe(exc),
-                consumer.queue_name,
-            )
-            await acker.nack(delivery_tag(message))
-            return
-        self._dead_lettered.labels(self.name, consumer.binding.flow).inc()
-        acker.ack(delivery_tag(message))
+        if session is None:
+            raise ConnectionError("not connected")
+        await session.dead_letter_publisher.basic_publish(
+            message.body,
+            exchange=self._settings.dead_letter_exchange,
+            routing_key=message.routing_key or "",
+            properties=properties,
+            timeout=self._settings.publish_timeout,
+        )
 
     # -- target ------------------------------------------------------------
 
