@@ -29,6 +29,7 @@ separate process that do the handshake, answer pings and parse frames.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import multiprocessing
 import os
@@ -327,16 +328,12 @@ async def cleanup(exchange: str, prefix: str) -> None:
     async with connection:
         for queue in (f"{prefix}send_user_notification", f"{prefix}dead"):
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(Exception):
                 await channel.queue_delete(queue)
-            except Exception:
-                pass
         for name in (exchange, f"{exchange}.dlx"):
             channel = await connection.channel()
-            try:
+            with contextlib.suppress(Exception):
                 await channel.exchange_delete(name)
-            except Exception:
-                pass
 
 
 def main() -> None:
