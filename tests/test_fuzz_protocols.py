@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import signal
 import subprocess
@@ -466,7 +465,6 @@ def test_rabbitmq_bodies_and_headers(
         with contextlib.suppress(UnicodeDecodeError, ValueError):
             text = body.decode()
             assume("NaN" not in text and "Infinity" not in text)
-            assume(not any(isinstance(v, float) and math.isinf(v) for v in [text]))
 
     async def case() -> None:
         await publish(server, b"fuzz.in", b"{}", {})
