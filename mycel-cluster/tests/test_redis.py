@@ -176,3 +176,37 @@ async def test_unreachable_backplane_stops_start_up_with_a_clear_error() -> None
         "cannot reach the cluster backplane redis://127.0.0.1:1/0: "
         "cannot connect to Redis at redis://127.0.0.1:1/0: "
     )
+
+
+async def test_a_to_without_filter_reaches_every_node() -> None:
+    # Nothing touches the hub before start here (no filter to index): the
+    # runtime must still attach it to the backplane.
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    text = f"""
+    cluster {{
+      backplane = "{REDIS}"
+      namespace = "{namespace}"
+    }}
+    connector "bus" {{ type = "memory" }}
+    connector "fan" {{ type = "fan" }}
+    flow "plain" {{
+      from {{ connector = "bus" operation = "p" }}
+      to {{ connector = "fan" operation = "topic:all" }}
+    }}
+    """
+    a, b = (
+        Runtime(load_test_config(text, plugins=[_builtin, FanPlugin()]))
+        for _ in range(2)
+    )
+    await a.start()
+    await b.start()
+    try:
+        subs = [
+            node.connectors["fan"].services.hub.subscribe({}, ["all"])
+            for node in (a, b)
+        ]
+        await a.connectors["bus"].publish("p", {"n": 1})  # type: ignore[attr-defined]
+        assert [await receive(sub) for sub in subs] == [{"n": 1}, {"n": 1}]
+    finally:
+        await a.stop(timeout=5)
+        await b.stop(timeout=5)

@@ -92,6 +92,11 @@ class Runtime:
                     self._fan_out_blocks.setdefault(to.connector, {})[key] = ToBlock(
                         key, name, to.filter, to.options
                     )
+        # Fan-out connectors get their hub now, so that a cluster attaches
+        # it to the backplane at start even if nothing touched it yet.
+        for name, connector in self.connectors.items():
+            if connector.fan_out:
+                self._hub_for(name)
         for name, flow in config.flows.items():
             handle = FlowHandle(flow, self.connectors, self.metrics, self.in_flight)
             self.flows[name] = handle

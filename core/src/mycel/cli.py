@@ -86,6 +86,10 @@ def _setup_logging(level: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("mycel").setLevel(level)
+    # Protocol libraries log every connection opening and closing at INFO;
+    # that is per-client detail, shown only at DEBUG.
+    if level != "DEBUG":
+        logging.getLogger("mycel.ws.protocol").setLevel(logging.WARNING)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
