@@ -232,3 +232,95 @@ async def test_workers_share_the_port_and_deliver_once(
     finally:
         code = node.stop()
     assert code == 0
+
+
+CDC_CONFIG = """
+cluster {
+  backplane = "redis://127.0.0.1:6379/0"
+  namespace = env("NAMESPACE")
+}
+connector "cdc" {
+  type              = "cdc"
+  driver            = "postgres"
+  connection_string = env("PG_URL")
+  tables            = ["orders"]
+}
+connector "sink" {
+  type              = "database"
+  driver            = "postgres"
+  connection_string = env("PG_URL")
+}
+flow "copy" {
+  from { connector = "cdc"   operation = "orders.INSERT" }
+  to   { connector = "sink"  target = "orders_seen" }
+}
+"""
+
+
+def start_cdc_node(
+    directory: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen[str], Path]:
+    log = directory / f"node-{uuid.uuid4().hex[:6]}.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mycel", "run", str(directory / "config")],
+            env={**os.environ, **env},
+            stderr=out,
+            text=True,
+        )
+    return proc, log
+
+
+async def wait_for_log(log: Path, text: str, timeout: float = 60.0) -> None:
+    from mycel.testing import eventually
+
+    await eventually(lambda: text in log.read_text(), timeout=timeout, interval=0.1)
+
+
+@pytest.mark.slow
+async def test_cdc_slot_has_one_reader_and_a_standby_takes_over(
+    tmp_path: Path, namespace: str, pg_logical_database: str
+) -> None:
+    import psycopg
+    from mycel.testing import eventually
+
+    with psycopg.connect(pg_logical_database, autocommit=True) as conn:
+        conn.execute("CREATE TABLE orders (id integer PRIMARY KEY)")
+        conn.execute("CREATE TABLE orders_seen (id integer)")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "main.mycel").write_text(CDC_CONFIG)
+    env = {"NAMESPACE": namespace, "PG_URL": pg_logical_database}
+
+    def insert(ids: range) -> None:
+        with psycopg.connect(pg_logical_database, autocommit=True) as conn:
+            for n in ids:
+                conn.execute("INSERT INTO orders VALUES (%s)", (n,))
+
+    def seen() -> set[int]:
+        with psycopg.connect(pg_logical_database) as conn:
+            return {row[0] for row in conn.execute("SELECT id FROM orders_seen")}
+
+    leader, leader_log = start_cdc_node(tmp_path, env)
+    standby = None
+    try:
+        await wait_for_log(leader_log, "streaming orders through slot")
+        standby, standby_log = start_cdc_node(tmp_path, env)
+        await wait_for_log(standby_log, "is held by another process; standing by")
+
+        await asyncio.to_thread(insert, range(1, 51))
+        await eventually(lambda: seen() == set(range(1, 51)), timeout=30)
+
+        leader.kill()  # SIGKILL: no goodbye to PostgreSQL
+        leader.wait()
+        await asyncio.to_thread(insert, range(51, 101))
+        await wait_for_log(standby_log, "took over slot")
+        await eventually(lambda: seen() == set(range(1, 101)), timeout=60)
+        with psycopg.connect(pg_logical_database) as conn:
+            rows = conn.execute("SELECT count(*) FROM orders_seen").fetchone()
+        assert rows is not None
+        print(f"standby takeover: 100 changes, {rows[0] - 100} delivered twice")
+    finally:
+        leader.kill()
+        if standby is not None:
+            standby.send_signal(signal.SIGTERM)
+            assert standby.wait(timeout=30) == 0

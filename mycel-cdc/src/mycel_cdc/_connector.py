@@ -27,6 +27,11 @@ to 30s) for as long as it takes, because skipping it would lose the change:
 the slot does not advance meanwhile, so WAL accumulates on the server and
 the replication lag metric grows.
 
+In a cluster (a ``cluster`` block), several processes run this connector
+with the same slot, and PostgreSQL lets one of them stream: the others
+stand by, asking for the slot every second, and the first to get it after
+the streaming process dies takes over from the confirmed position.
+
 """
 
 from __future__ import annotations
@@ -120,6 +125,9 @@ class CdcConnector(Connector):
         self._stop_requested = False
         self._advanced = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._standby: asyncio.Task[None] | None = None
+        """In a cluster: waits for the slot, then starts the tasks."""
+        self._sources_started = asyncio.Event()
         self._lag = services.metrics.replication_lag.labels(name)
 
     @classmethod
@@ -150,7 +158,21 @@ class CdcConnector(Connector):
     # -- lifecycle ------------------------------------------------------------
 
     async def start(self) -> None:
-        """Check the server, create publication and slot, open the stream."""
+        """Check the server, create publication and slot, open the stream.
+
+        In a cluster, the slot may be held by another process: this one
+        then stands by (see :meth:`_stand_by`) instead of failing.
+
+        """
+        if self.services.backplane is not None:
+            self._standby = asyncio.create_task(
+                self._stand_by(), name=f"cdc-standby-{self.name}"
+            )
+            return
+        await self._acquire()
+
+    async def _acquire(self) -> None:
+        """Prepare the server and open the stream from the slot."""
         settings = self._settings
         try:
             async with await psycopg.AsyncConnection.connect(
@@ -185,7 +207,57 @@ class CdcConnector(Connector):
             format_lsn(self.confirmed),
         )
 
+    async def _stand_by(self) -> None:
+        """Wait for the slot, then stream; a cluster's other processes wait too.
+
+        PostgreSQL lets one consumer use a slot at a time, so it elects the
+        process that streams: when that one dies, its WAL sender lets go and
+        the first standby to ask takes over, from the confirmed position.
+
+        """
+        delay = 1.0
+        announced = False
+        while True:
+            try:
+                await self._acquire()
+                break
+            except ConnectorError as exc:
+                if "is in use by another consumer" in str(exc):
+                    if not announced:
+                        logger.info(
+                            "connector %r: slot %r is held by another process; "
+                            "standing by",
+                            self.name,
+                            self.slot,
+                        )
+                        announced = True
+                    await asyncio.sleep(1.0)
+                    continue
+                logger.warning(
+                    "connector %r: cannot stream yet, retrying in %.0fs: %s",
+                    self.name,
+                    delay,
+                    exc,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+        if announced:
+            logger.warning(
+                "connector %r: took over slot %r from %s",
+                self.name,
+                self.slot,
+                format_lsn(self.confirmed),
+            )
+        await self._sources_started.wait()
+        self._start_tasks()
+
     async def start_sources(self) -> None:
+        if self._standby is not None:
+            self._sources_started.set()  # the standby task starts them
+            return
+        self._start_tasks()
+
+    def _start_tasks(self) -> None:
         self._tasks = [
             asyncio.create_task(self._read_loop(), name=f"cdc-read-{self.name}"),
             asyncio.create_task(self._process_loop(), name=f"cdc-process-{self.name}"),
@@ -194,6 +266,9 @@ class CdcConnector(Connector):
 
     async def stop_sources(self) -> None:
         """Stop reading; the change being processed still finishes."""
+        if self._standby is not None and not self._standby.done():
+            self._standby.cancel()
+            await asyncio.gather(self._standby, return_exceptions=True)
         self._stopping.set()
         self._stop_requested = True
         if self._tasks:
