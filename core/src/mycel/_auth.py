@@ -680,18 +680,23 @@ class Authenticator:
     def verify(self, token: str) -> dict[str, Any]:
         """The claims of a valid token; :class:`AuthError` otherwise."""
         jwt_settings = self.settings.jwt
-        try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
-            raise self._refuse("malformed token") from exc
-        algorithm = header.get("alg")
-        if not isinstance(algorithm, str) or algorithm not in self._all_algorithms:
-            raise self._refuse("algorithm not allowed")
-        key = self._key_for(header.get("kid"))
+        key = self._keys.get(None)
         if key is None:
-            raise self._refuse("unknown key")
-        if algorithm not in key.algorithms:
-            raise self._refuse("algorithm not allowed")
+            # A JWKS: the header's kid picks the key. (With one key, PyJWT's
+            # own algorithm check below refuses what the key may not verify,
+            # and the token is parsed once instead of twice.)
+            try:
+                header = jwt.get_unverified_header(token)
+            except jwt.PyJWTError as exc:
+                raise self._refuse("malformed token") from exc
+            algorithm = header.get("alg")
+            if not isinstance(algorithm, str) or algorithm not in self._all_algorithms:
+                raise self._refuse("algorithm not allowed")
+            key = self._key_for(header.get("kid"))
+            if key is None:
+                raise self._refuse("unknown key")
+            if algorithm not in key.algorithms:
+                raise self._refuse("algorithm not allowed")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
