@@ -1,29 +1,39 @@
-"""End-to-end latency: RabbitMQ publish -> ``mycel run`` -> WebSocket client.
+"""End-to-end latency: RabbitMQ publish -> ``mycel run`` -> subscribers.
 
-Run as ``python bench/bench_e2e.py`` (needs RabbitMQ on 127.0.0.1:5672).
-Prints one JSON object per figure (bench/README.md).
+Run as ``python bench/bench_e2e.py`` (needs RabbitMQ on 127.0.0.1:5672;
+``BENCH_E2E_KINDS=ws,sse,gql`` and ``BENCH_E2E_SIZES=1000,10000`` narrow
+it). Prints one JSON object per figure (bench/README.md).
 
-The scenario is ``send_user_notification`` of the specification: messages
-published to RabbitMQ go to a WebSocket room through a per-user filter
-(``input.user_id == context.params.user_id``). 1,000 and then 10,000
-clients are connected, 100 distinct users, so each event reaches 1 % of
-the clients. Latency runs from just before the publish (a timestamp in the
-body) to the client's receipt of the frame, on the same machine's clock:
+Three of the issue's scenarios, each a real ``mycel run`` process:
+
+- ``ws``: RabbitMQ -> WebSocket room with a per-user filter
+  (``send_user_notification``), with 1,000 and 10,000 clients;
+- ``sse``: RabbitMQ -> SSE stream with a per-user filter
+  (``stream_notifications``), 1,000 clients;
+- ``gql``: RabbitMQ -> GraphQL subscription with a transform and a per-user
+  filter on ``connection_params``, 1,000 clients.
+
+10,000 clients are measured for WebSocket only: one client process cannot
+read 10,000 SSE or GraphQL streams fast enough on 2 cores to say anything
+about the server. 100 distinct users, so each event reaches 1 % of the
+clients. Latency runs from just before the publish (a timestamp in the
+body) to the client's receipt, on the same machine's clock:
 
 - steady: 200 messages per second for 5 seconds, publisher confirms on;
 - saturation: 1,000 messages published as fast as the client can (no
   confirms), so the figure includes the queueing of a full pipe.
 
 The baseline, measured in the same run with the same clients and the same
-publisher: a bare relay written here, an aio-pika consumer (no acks, like
-a relay that does not care about loss) feeding ``websockets.broadcast`` to
-the connections of the message's ``user_id`` (a dict index, as Mycel's hub
-has), in its own process like ``mycel run``. Mycel acknowledges each
-message only after its flow finished; the relay does not.
+publisher: a bare relay written here per protocol, an aio-pika consumer (no
+acks, like a relay that does not care about loss) feeding the connections
+of the message's ``user_id`` (a dict index, as Mycel's hub has) through
+``websockets.broadcast``, raw SSE writes, or graphql-transport-ws ``next``
+frames, in its own process like ``mycel run``. Mycel acknowledges each
+message only after its flow finished; the relays do not.
 
-Only the WebSocket path is measured: CDC, SSE and GraphQL end-to-end
-latencies are not part of this benchmark. Clients are raw sockets in a
-separate process that do the handshake, answer pings and parse frames.
+The CDC scenarios are not measured here (bench_cdc.py measures the CDC
+source). Clients are raw sockets in a separate process that do the
+handshake, answer pings and find the timestamp in each frame or line.
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import contextlib
 import json
 import multiprocessing
 import os
+import re
 import resource
 import signal
 import socket
@@ -50,6 +61,7 @@ RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
 USERS = 100
 STEADY_RATE, STEADY_SECONDS = 200, 5
 SATURATION = 1_000
+KINDS = os.environ.get("BENCH_E2E_KINDS", "ws,sse,gql").split(",")
 SIZES = tuple(
     int(n) for n in os.environ.get("BENCH_E2E_SIZES", "1000,10000").split(",")
 )
@@ -72,19 +84,61 @@ def percentile(values: list[float], q: float) -> float:
 # --- clients (own process) ---------------------------------------------------
 
 
-async def _client(port: int, user: int, room: bool, sink: list[float]) -> None:
+SENT = re.compile(rb'"sent":\s*([0-9.eE+-]+)')
+
+
+def _masked(text: str) -> bytes:
+    """A client text frame (mask key 0, so the payload is sent as is)."""
+    data = text.encode()
+    if len(data) < 126:
+        return bytes([0x81, 0x80 | len(data)]) + b"\0\0\0\0" + data
+    size = struct.pack("!H", len(data))
+    return bytes([0x81, 0x80 | 126]) + size + b"\0\0\0\0" + data
+
+
+async def _client(port: int, user: int, kind: str, sink: list[float]) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 20)
-    path = f"/ws?user_id={user}" + ("&rooms=notifications" if room else "")
+    if kind == "sse":
+        writer.write(
+            (
+                f"GET /events/notifications?user_id={user} HTTP/1.1\r\n"
+                f"Host: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n"
+            ).encode()
+        )
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        _ready.append(1)
+        while line := await reader.readline():
+            if line.startswith(b"data:"):
+                now = time.time()
+                if found := SENT.search(line):
+                    sink.append(now - float(found.group(1)))
+        return
+    path = "/graphql/ws" if kind == "gql" else f"/ws?user_id={user}"
+    if kind == "ws-mycel":
+        path += "&rooms=notifications"
+    protocol = ""
+    if kind == "gql":
+        protocol = "Sec-WebSocket-Protocol: graphql-transport-ws\r\n"
     writer.write(
         (
             f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n"
             "Upgrade: websocket\r\nConnection: Upgrade\r\n"
             "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            "Sec-WebSocket-Version: 13\r\n\r\n"
+            f"{protocol}Sec-WebSocket-Version: 13\r\n\r\n"
         ).encode()
     )
     head = await reader.readuntil(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 101"), head
+    if kind == "gql":
+        init = {"type": "connection_init", "payload": {"userId": str(user)}}
+        writer.write(_masked(json.dumps(init)))
+        subscribe = {
+            "id": "1",
+            "type": "subscribe",
+            "payload": {"query": "subscription { notification }"},
+        }
+        writer.write(_masked(json.dumps(subscribe)))
     _ready.append(1)
     while True:
         first, second = await reader.readexactly(2)
@@ -99,10 +153,10 @@ async def _client(port: int, user: int, room: bool, sink: list[float]) -> None:
             writer.write(bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload)
         elif opcode == 0x1:
             now = time.time()
-            frame = json.loads(payload)
-            data = frame.get("data")
-            if isinstance(data, dict) and "sent" in data:
-                sink.append(now - data["sent"])
+            if found := SENT.search(payload):
+                sink.append(now - float(found.group(1)))
+            elif kind == "gql" and b'"ping"' in payload:
+                writer.write(_masked('{"type":"pong"}'))
         elif opcode == 0x8:
             return
 
@@ -110,18 +164,20 @@ async def _client(port: int, user: int, room: bool, sink: list[float]) -> None:
 _ready: list[int] = []
 
 
-def client_process(port: int, count: int, room: bool, pipe: Connection) -> None:
+def client_process(port: int, count: int, kind: str, pipe: Connection) -> None:
     async def main() -> None:
         sink: list[float] = []
         tasks = []
         for start in range(0, count, 500):
             batch = [
-                asyncio.create_task(_client(port, i % USERS, room, sink))
+                asyncio.create_task(_client(port, i % USERS, kind, sink))
                 for i in range(start, min(start + 500, count))
             ]
             tasks += batch
             while len(_ready) < len(tasks):
                 await asyncio.sleep(0.01)
+        if kind == "gql":
+            await asyncio.sleep(1)  # no answer to subscribe: let them settle
         pipe.send("ready")
         loop = asyncio.get_running_loop()
         while True:
@@ -144,21 +200,43 @@ def client_process(port: int, count: int, room: bool, pipe: Connection) -> None:
 # --- the baseline relay (own process) ----------------------------------------
 
 
-def relay_process(port: int, exchange: str, queue: str, pipe: Connection) -> None:
+def relay_process(
+    port: int, exchange: str, queue: str, kind: str, pipe: Connection
+) -> None:
     async def main() -> None:
         import aio_pika
-        import websockets
         from websockets.asyncio.server import broadcast, serve
 
         by_user: dict[str, set[Any]] = {}
 
-        async def handler(ws: Any) -> None:
-            user = ws.request.path.split("user_id=")[1].split("&")[0]
+        async def ws_handler(ws: Any) -> None:
+            if kind == "gql":
+                init = json.loads(await ws.recv())
+                await ws.send('{"type":"connection_ack"}')
+                await ws.recv()  # subscribe, id "1"
+                user = str(init["payload"]["userId"])
+            else:
+                user = ws.request.path.split("user_id=")[1].split("&")[0]
             by_user.setdefault(user, set()).add(ws)
             try:
                 await ws.wait_closed()
             finally:
                 by_user[user].discard(ws)
+
+        async def sse_handler(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            head = await reader.readuntil(b"\r\n\r\n")
+            user = head.split(b"user_id=")[1].split(b" ")[0].decode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                b"Cache-Control: no-store\r\n\r\n"
+            )
+            by_user.setdefault(user, set()).add(writer)
+            try:
+                await reader.read()
+            finally:
+                by_user[user].discard(writer)
 
         connection = await aio_pika.connect(RABBIT)
         channel = await connection.channel()
@@ -171,19 +249,42 @@ def relay_process(port: int, exchange: str, queue: str, pipe: Connection) -> Non
 
         async def on_message(message: Any) -> None:
             data = json.loads(message.body)
-            targets = by_user.get(str(data["user_id"]), ())
-            frame = json.dumps(
-                {"type": "message", "room": "notifications", "data": data},
-                separators=(",", ":"),
-            )
-            broadcast(targets, frame)
+            targets = by_user.get(str(data["user_id"]), set())
+            text = json.dumps(data, separators=(",", ":"))
+            if kind == "sse":
+                chunk = f"data: {text}\n\n".encode()
+                for writer in targets:
+                    writer.write(chunk)
+                return
+            if kind == "gql":
+                frame = (
+                    '{"id":"1","type":"next","payload":{"data":{"notification":%s}}}'
+                )
+            else:
+                frame = '{"type":"message","room":"notifications","data":%s}'
+            broadcast(targets, frame % text)
 
         await declared.consume(on_message, no_ack=True)
-        async with serve(handler, "127.0.0.1", port, max_size=2**20, compression=None):
-            pipe.send("ready")
-            await asyncio.get_running_loop().run_in_executor(None, pipe.recv)
+        loop = asyncio.get_running_loop()
+        if kind == "sse":
+            server = await asyncio.start_server(
+                sse_handler, "127.0.0.1", port, backlog=4096
+            )
+            async with server:
+                pipe.send("ready")
+                await loop.run_in_executor(None, pipe.recv)
+        else:
+            subprotocols = ["graphql-transport-ws"] if kind == "gql" else None
+            async with serve(
+                ws_handler,
+                "127.0.0.1",
+                port,
+                compression=None,
+                subprotocols=subprotocols,  # type: ignore[arg-type]
+            ):
+                pipe.send("ready")
+                await loop.run_in_executor(None, pipe.recv)
         await connection.close()
-        del websockets
 
     _raise_fd_limit()
     asyncio.run(main())
@@ -207,6 +308,10 @@ connector "rabbit" {{
     queue    = "{prefix}dead"
   }}
 }}
+"""
+
+SINKS = {
+    "ws": """
 connector "ws" {{
   type            = "websocket"
   port            = {port}
@@ -221,14 +326,60 @@ flow "send_user_notification" {{
     filter    = "input.user_id == context.params.user_id"
   }}
 }}
-"""
+""",
+    "sse": """
+connector "sse" {{
+  type       = "sse"
+  port       = {port}
+  send_queue = 20000
+}}
+flow "stream_notifications" {{
+  from {{ connector = "rabbit"  operation = "notifications" }}
+  to {{
+    connector = "sse"
+    operation = "stream:notifications"
+    filter    = "input.user_id == context.params.user_id"
+  }}
+}}
+""",
+    "gql": """
+connector "gql" {{
+  type       = "graphql"
+  port       = {port}
+  queue_size = 20000
+  subscriptions {{
+    enabled = true
+    path    = "/graphql/ws"
+  }}
+}}
+flow "notification_updates" {{
+  from {{ connector = "rabbit"  operation = "notifications" }}
+  transform {{
+    user_id = "input.user_id"
+    n       = "input.n"
+    sent    = "input.sent"
+  }}
+  to {{
+    connector = "gql"
+    operation = "Subscription.notification"
+    filter    = "input.user_id == context.connection_params.userId"
+  }}
+}}
+""",
+}
+
+FLOWS = {
+    "ws": "send_user_notification",
+    "sse": "stream_notifications",
+    "gql": "notification_updates",
+}
 
 
-def start_mycel(folder: Path, port: int, exchange: str, prefix: str) -> Any:
+def start_mycel(folder: Path, kind: str, port: int, exchange: str, prefix: str) -> Any:
     admin = free_port()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "main.mycel").write_text(
-        CONFIG.format(
+        (CONFIG + SINKS[kind]).format(
             admin=admin, url=RABBIT, exchange=exchange, prefix=prefix, port=port
         )
     )
@@ -280,10 +431,10 @@ async def publish(exchange: str, steady: bool) -> int:
     return count
 
 
-def measure(port: int, clients: int, room: bool, exchange: str) -> dict[str, Any]:
+def measure(port: int, clients: int, kind: str, exchange: str) -> dict[str, Any]:
     parent, child = multiprocessing.Pipe()
     proc = multiprocessing.Process(
-        target=client_process, args=(port, clients, room, child)
+        target=client_process, args=(port, clients, kind, child)
     )
     proc.start()
     assert parent.poll(120), "clients did not connect"
@@ -326,7 +477,8 @@ async def cleanup(exchange: str, prefix: str) -> None:
 
     connection = await aio_pika.connect(RABBIT)
     async with connection:
-        for queue in (f"{prefix}send_user_notification", f"{prefix}dead"):
+        queues = [f"{prefix}{flow}" for flow in FLOWS.values()]
+        for queue in [*queues, f"{prefix}dead"]:
             channel = await connection.channel()
             with contextlib.suppress(Exception):
                 await channel.queue_delete(queue)
@@ -336,21 +488,37 @@ async def cleanup(exchange: str, prefix: str) -> None:
                 await channel.exchange_delete(name)
 
 
+PLAN = [("ws", 1_000), ("ws", 10_000), ("sse", 1_000), ("gql", 1_000)]
+RELAYS = {
+    "ws": "aio-pika consumer -> websockets.broadcast relay",
+    "sse": "aio-pika consumer -> bare asyncio SSE relay",
+    "gql": "aio-pika consumer -> bare graphql-transport-ws relay (websockets)",
+}
+SCENARIOS = {
+    "ws": "RabbitMQ -> ws room, per-user filter",
+    "sse": "RabbitMQ -> SSE stream, per-user filter (stream_notifications)",
+    "gql": "RabbitMQ -> GraphQL subscription, transform and per-user filter",
+}
+
+
 def main() -> None:
     _raise_fd_limit()
     tag = uuid.uuid4().hex[:8]
     exchange, prefix = f"mycel-bench-e2e-{tag}", f"mycel-bench-e2e-{tag}."
     folder = Path(tempfile.mkdtemp(prefix="mycel-bench-e2e-"))
+    plan = [(k, n) for k, n in PLAN if k in KINDS and n in SIZES]
     try:
-        for clients in SIZES:
+        for kind, clients in plan:
             port = free_port()
-            mycel = start_mycel(folder / str(clients), port, exchange, prefix)
+            run_dir = folder / f"{kind}-{clients}"
+            mycel = start_mycel(run_dir, kind, port, exchange, prefix)
             try:
-                ours = measure(port, clients, True, exchange)
+                client_kind = "ws-mycel" if kind == "ws" else kind
+                ours = measure(port, clients, client_kind, exchange)
             finally:
                 mycel.send_signal(signal.SIGTERM)
                 mycel.wait(60)
-                log = (folder / str(clients) / "mycel.log").read_text()
+                log = (run_dir / "mycel.log").read_text()
                 sys.stderr.write(log[-3000:])
             asyncio.run(cleanup(exchange, prefix))
 
@@ -358,24 +526,27 @@ def main() -> None:
             parent, child = multiprocessing.Pipe()
             relay = multiprocessing.Process(
                 target=relay_process,
-                args=(port, exchange, f"{prefix}relay", child),
+                args=(port, exchange, f"{prefix}relay", kind, child),
             )
             relay.start()
             assert parent.poll(60)
             parent.recv()
             try:
-                theirs = measure(port, clients, False, exchange)
+                client_kind = "ws-relay" if kind == "ws" else kind
+                theirs = measure(port, clients, client_kind, exchange)
             finally:
                 parent.send("stop")
                 relay.join(30)
                 if relay.is_alive():
                     relay.kill()
-            report(clients, ours, theirs)
+            report(kind, clients, ours, theirs)
     finally:
         asyncio.run(cleanup(exchange, prefix))
 
 
-def report(clients: int, ours: dict[str, Any], theirs: dict[str, Any]) -> None:
+def report(
+    kind: str, clients: int, ours: dict[str, Any], theirs: dict[str, Any]
+) -> None:
     for phase in ("steady", "saturation"):
         mine, base = ours[phase], theirs[phase]
         rate = (
@@ -387,16 +558,16 @@ def report(clients: int, ours: dict[str, Any], theirs: dict[str, Any]) -> None:
             value = percentile(mine["latencies"], q) * 1000
             baseline = percentile(base["latencies"], q) * 1000
             emit(
-                figure=f"latency p{q}, {phase}, {clients:,} clients",
+                figure=f"{kind} latency p{q}, {phase}, {clients:,} clients",
                 unit="ms",
                 value=value,
-                baseline_name="aio-pika consumer -> websockets.broadcast relay",
+                baseline_name=RELAYS[kind],
                 baseline=baseline,
                 ratio=baseline / value if value else float("nan"),
                 higher_is_better=False,
                 aim="p99 within 2x of the bare relay",
                 notes=(
-                    f"RabbitMQ -> ws room with per-user filter; {rate}; "
+                    f"{SCENARIOS[kind]}; {rate}; "
                     f"{clients // USERS} clients per event; received "
                     f"{mine['received']}/{mine['expected']} "
                     f"(relay {base['received']}/{base['expected']})"
@@ -406,10 +577,10 @@ def report(clients: int, ours: dict[str, Any], theirs: dict[str, Any]) -> None:
             ours_rate = SATURATION / mine["seconds"]
             base_rate = SATURATION / base["seconds"]
             emit(
-                figure=f"throughput at saturation, {clients:,} clients",
+                figure=f"{kind} throughput at saturation, {clients:,} clients",
                 unit="events/s",
                 value=ours_rate,
-                baseline_name="aio-pika consumer -> websockets.broadcast relay",
+                baseline_name=RELAYS[kind],
                 baseline=base_rate,
                 ratio=ours_rate / base_rate,
                 higher_is_better=True,
