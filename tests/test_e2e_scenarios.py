@@ -181,8 +181,8 @@ async def test_cdc_to_websocket_room_per_user(
                     assert isinstance(data["updated_at"], str)
                     got.append((data["order_id"], data["status"], data["operation"]))
                 assert got == expected
-        # The stranger (user 999) got nothing: a ping round trip proves the
-        # socket is live and empty.
+        # The stranger (user 999) got nothing: every change was delivered
+        # to the others before, and nothing is waiting for it.
         with pytest.raises(TimeoutError):
             await ws_frame(stranger, timeout=0.5)
         for sockets in clients.values():
