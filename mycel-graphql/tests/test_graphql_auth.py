@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,9 +13,9 @@ import websockets
 from mycel.testing import App, eventually, free_port, running
 from websockets.exceptions import InvalidStatus
 
+from testsupport.auth import SECRET, make_token, unsigned_token
 from testsupport.graphql import RawSocket
 
-SECRET = "graphql-auth-test-secret-of-32-bytes!"
 OTHER_SECRET = "another-secret-that-is-32-bytes-long!!"
 
 FLOWS = """
@@ -55,26 +54,10 @@ ORDERS = {"query": "subscription { orderUpdated }"}
 PRICES = {"query": "subscription { priceChanged }"}
 
 
-def token(
-    sub: str = "alice",
-    *,
-    key: str = SECRET,
-    algorithm: str = "HS256",
-    lifetime: float = 300,
-    **claims: Any,
-) -> str:
-    body: dict[str, Any] = {
-        "sub": sub,
-        "aud": "dashboard",
-        "exp": int(time.time() + lifetime),
-    }
-    body.update(claims)
-    return jwt.encode(body, key, algorithm=algorithm)
+token = make_token
 
 
-def unsigned(sub: str = "alice") -> str:
-    body = {"sub": sub, "aud": "dashboard", "exp": int(time.time() + 300)}
-    return jwt.encode(body, None, algorithm="none")
+unsigned = unsigned_token
 
 
 @asynccontextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -14,9 +15,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from mycel.testing import App, running, write_config
 from mycel_sse import SseConnector
 
+from testsupport.auth import SECRET, make_token
 from testsupport.sse import SseEvent, open_stream
 
-SECRET = "sse-auth-test-secret-of-at-least-32-bytes"
 OTHER_SECRET = "a-different-secret-of-at-least-32-bytes!"
 
 CONFIG = """
@@ -59,22 +60,7 @@ def config(required: bool = True) -> str:
     return CONFIG.format(required=str(required).lower(), secret=SECRET)
 
 
-def token(
-    sub: str = "alice",
-    *,
-    key: str = SECRET,
-    algorithm: str = "HS256",
-    lifetime: float = 300,
-    **claims: Any,
-) -> str:
-    body: dict[str, Any] = {
-        "sub": sub,
-        "aud": "dashboard",
-        "tenant": "acme",
-        "exp": int(time.time() + lifetime),
-    }
-    body.update(claims)
-    return jwt.encode(body, key, algorithm=algorithm)
+token = functools.partial(make_token, tenant="acme")
 
 
 def base_url(app: App) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import json
@@ -18,9 +19,9 @@ from mycel.testing import App, eventually, free_port, running, write_config
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from testsupport.auth import SECRET, make_token
 from testsupport.ws import next_item, receive, ws_config
 
-SECRET = "ws-auth-test-secret-of-at-least-32-bytes"
 OTHER_SECRET = "a-different-secret-of-at-least-32-bytes!"
 
 FLOWS = """
@@ -64,23 +65,7 @@ def settings(required: bool = True) -> str:
     """
 
 
-def token(
-    sub: str = "alice",
-    *,
-    key: str = SECRET,
-    algorithm: str = "HS256",
-    lifetime: float = 300,
-    **claims: Any,
-) -> str:
-    body: dict[str, Any] = {
-        "sub": sub,
-        "aud": "dashboard",
-        "iss": "https://login.example.com",
-        "tenant": "acme",
-        "exp": int(time.time() + lifetime),
-    }
-    body.update(claims)
-    return jwt.encode(body, key, algorithm=algorithm)
+token = functools.partial(make_token, iss="https://login.example.com", tenant="acme")
 
 
 def server(required: bool = True) -> Any:
