@@ -257,7 +257,7 @@ flow "copy" {
 """
 
 
-def start_cdc_node(
+def start_node(
     directory: Path, env: dict[str, str]
 ) -> tuple[subprocess.Popen[str], Path]:
     log = directory / f"node-{uuid.uuid4().hex[:6]}.log"
@@ -300,11 +300,11 @@ async def test_cdc_slot_has_one_reader_and_a_standby_takes_over(
         with psycopg.connect(pg_logical_database) as conn:
             return {row[0] for row in conn.execute("SELECT id FROM orders_seen")}
 
-    leader, leader_log = start_cdc_node(tmp_path, env)
+    leader, leader_log = start_node(tmp_path, env)
     standby = None
     try:
         await wait_for_log(leader_log, "streaming orders through slot")
-        standby, standby_log = start_cdc_node(tmp_path, env)
+        standby, standby_log = start_node(tmp_path, env)
         await wait_for_log(standby_log, "is held by another process; standing by")
 
         await asyncio.to_thread(insert, range(1, 51))
@@ -324,3 +324,57 @@ async def test_cdc_slot_has_one_reader_and_a_standby_takes_over(
         if standby is not None:
             standby.send_signal(signal.SIGTERM)
             assert standby.wait(timeout=30) == 0
+
+
+@pytest.mark.slow
+async def test_rabbitmq_sources_share_the_work(
+    tmp_path: Path, namespace: str, rabbit: object
+) -> None:
+    from testsupport.rabbit import RabbitNamespace
+
+    assert isinstance(rabbit, RabbitNamespace)
+    config = (
+        'cluster {\n  backplane = "redis://127.0.0.1:6379/0"\n'
+        f'  namespace = "{namespace}"\n}}\n'
+        'service {\n  admin_port = env("ADMIN_PORT")\n}\n'
+        + rabbit.connector()
+        + 'flow "relay" {\n'
+        '  from { connector = "rabbit" operation = "work.in" }\n'
+        '  to   { connector = "rabbit" target = "work.out" }\n'
+        "}\n"
+    )
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "main.mycel").write_text(config)
+    out = await rabbit.listen(f"{rabbit.prefix}out", "work.out")
+    admins = [free_port(), free_port()]
+    nodes = []
+    for port in admins:
+        proc, log = start_node(tmp_path, {"ADMIN_PORT": str(port)})
+        nodes.append(proc)
+        await wait_for_log(log, " started: ")
+    try:
+        for n in range(200):
+            await rabbit.publish("work.in", {"n": n})
+        got = [
+            json.loads((await asyncio.wait_for(out.get(), 30)).body)["n"]
+            for _ in range(200)
+        ]
+        assert sorted(got) == list(range(200))
+        # Both processes took part, and together they handled each once.
+        handled = []
+        async with httpx.AsyncClient() as client:
+            for port in admins:
+                text = (await client.get(f"http://127.0.0.1:{port}/metrics")).text
+                line = next(
+                    ln
+                    for ln in text.splitlines()
+                    if ln.startswith('mycel_events_in_total{flow="relay"}')
+                )
+                handled.append(int(float(line.split()[-1])))
+        assert sum(handled) == 200
+        assert min(handled) > 0, handled
+        print(f"rabbitmq work sharing: {handled} messages per process")
+    finally:
+        for proc in nodes:
+            proc.send_signal(signal.SIGTERM)
+        assert [proc.wait(timeout=30) for proc in nodes] == [0, 0]
