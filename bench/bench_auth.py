@@ -22,11 +22,12 @@ import time
 from typing import Any
 
 import jwt
-import mycel
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from mycel.testing import free_port, running
 from websockets.asyncio.client import connect
+
+import mycel
+from mycel.testing import free_port, running
 
 SECRET = "bench-auth-secret-of-at-least-32-bytes!!"
 VERIFY_ROUNDS = 20_000

@@ -41,7 +41,6 @@ from mycel.testing import load_test_config
 from mycel_cdc import CdcConnector, Decoder, parse_lsn
 from mycel_cdc._setup import TypeResolver
 from mycel_cdc._stream import ReplicationStream
-
 from testsupport.postgres import PG_BIN, start_logical_cluster
 
 TABLE = (

@@ -95,6 +95,7 @@ async def measure(http: int, ws: int) -> float:
 
     readers = [asyncio.create_task(read(c)) for c in clients]
     started = time.perf_counter()
+
     async def post(client: httpx.AsyncClient, numbers: range) -> None:
         for n in numbers:
             await client.post(f"http://127.0.0.1:{http}/fan", json={"n": n})

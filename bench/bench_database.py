@@ -22,6 +22,7 @@ import uuid
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+
 from mycel.testing import running
 
 ROWS = 20_000

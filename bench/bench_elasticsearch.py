@@ -22,10 +22,11 @@ import time
 from typing import Any
 
 import httpx
-from mycel.testing import running
 from opensearchpy import AsyncOpenSearch
 from opensearchpy.helpers import async_bulk
 from osmem_server import OsmemServer
+
+from mycel.testing import running
 
 DOCS = 5_000
 REPEAT = 3

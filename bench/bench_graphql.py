@@ -76,10 +76,11 @@ def serve_mycel(port: int, pipe: Connection) -> None:
 
 
 def serve_strawberry(port: int, pipe: Connection) -> None:
-    import mycel
     import strawberry
     from strawberry.asgi import GraphQL
     from strawberry.scalars import JSON
+
+    import mycel
 
     queues: list[asyncio.Queue[Any]] = []
 

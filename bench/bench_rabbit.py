@@ -28,6 +28,7 @@ import uuid
 from typing import Any
 
 import aio_pika
+
 from mycel import MemoryConnector, Runtime
 from mycel.testing import load_test_config
 

@@ -26,6 +26,7 @@ import uuid
 from typing import Any
 
 import redis.asyncio as aioredis
+
 from mycel import Runtime
 from mycel.testing import load_test_config
 

@@ -161,11 +161,12 @@ flow "ticks" {{
 
 @asynccontextmanager
 async def bare_server(events: int) -> AsyncIterator[tuple[int, str, Publish]]:
-    from mycel import AsgiServer
     from sse_starlette import EventSourceResponse, ServerSentEvent
     from starlette.applications import Starlette
     from starlette.requests import Request
     from starlette.routing import Route
+
+    from mycel import AsgiServer
 
     queues: set[asyncio.Queue[tuple[int, str]]] = set()
 

@@ -186,8 +186,9 @@ def writer_task_subscriber() -> type:
     awaits ``send()`` for each message.
 
     """
-    from mycel import Subscriber
     from websockets.exceptions import ConnectionClosed
+
+    from mycel import Subscriber
 
     class TaskSubscriber(Subscriber):
         __slots__ = ("connection", "writer")
@@ -221,9 +222,10 @@ def ws_config(port: int, flows: str, settings: str = "") -> str:
 
 
 async def broadcast_rate() -> None:
+    from websockets.asyncio.server import ServerConnection, broadcast, serve
+
     from mycel.testing import free_port, running
     from mycel_ws._frames import message_frame
-    from websockets.asyncio.server import ServerConnection, broadcast, serve
 
     clients = Clients()
     # The JSON text plus the 2-byte header of an unmasked server frame.

@@ -21,8 +21,8 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from mycel import Connector, load_plugins
-from mycel._config import RetrySettings, ServiceSettings
 from mycel._cluster import ClusterSettings
+from mycel._config import RetrySettings, ServiceSettings
 
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "reference"

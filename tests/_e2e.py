@@ -25,8 +25,9 @@ from typing import Any
 
 import httpx
 import websockets
-from mycel.testing import eventually
 from websockets.asyncio.client import ClientConnection
+
+from mycel.testing import eventually
 
 TIMEOUT = 15.0
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import jwt
 import pytest
+
 from mycel.testing import App, eventually, free_port, running
 
 pytestmark = pytest.mark.browser

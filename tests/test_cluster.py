@@ -20,8 +20,8 @@ import httpx
 import pytest
 import redis
 import websockets
-from mycel.testing import free_port
 
+from mycel.testing import free_port
 from testsupport.base import port_open, service_unavailable
 from testsupport.sse import open_stream
 
@@ -282,6 +282,7 @@ async def test_cdc_slot_has_one_reader_and_a_standby_takes_over(
     tmp_path: Path, namespace: str, pg_logical_database: str
 ) -> None:
     import psycopg
+
     from mycel.testing import eventually
 
     with psycopg.connect(pg_logical_database, autocommit=True) as conn:

@@ -36,7 +36,8 @@ def quickstart(tmp_path: Path) -> Iterator[dict[str, int]]:
         path.write_text(text)
     proc = subprocess.Popen(
         [sys.executable, "-m", "mycel", "run", str(folder)],
-        stderr=subprocess.PIPE, text=True,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stderr is not None
     lines = []
@@ -56,10 +57,20 @@ def quickstart(tmp_path: Path) -> Iterator[dict[str, int]]:
 
 def test_quickstart_validates() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "mycel", "validate", str(ROOT / "examples" / "quickstart")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "mycel",
+            "validate",
+            str(ROOT / "examples" / "quickstart"),
+        ],
+        capture_output=True,
+        text=True,
     )
-    assert (result.returncode, result.stdout) == (0, "Configuration OK: 6 connectors, 5 flows.\n")
+    assert (result.returncode, result.stdout) == (
+        0,
+        "Configuration OK: 6 connectors, 5 flows.\n",
+    )
 
 
 @pytest.mark.browser
@@ -72,7 +83,9 @@ async def test_page_shows_posted_orders_per_user_and_chat(
     base = f"http://127.0.0.1:{quickstart['http']}"
     await page.goto(f"{base}/?user=1")
     await expect(page.locator("#chat-status")).to_have_text("in room lobby")
-    await expect(page.locator("#feed-status")).to_have_text("subscribed to stream orders")
+    await expect(page.locator("#feed-status")).to_have_text(
+        "subscribed to stream orders"
+    )
     await expect(page.locator("#gql-status")).to_have_text("subscribed to orderUpdated")
 
     # Another user's order first: it must not show up on user 1's page.
@@ -89,9 +102,13 @@ async def test_page_shows_posted_orders_per_user_and_chat(
     await page.click("#order-send")
     await expect(page.locator("#order-result")).to_contain_text("202: order")
     await expect(page.locator("#feed-log li")).to_have_count(1)
-    await expect(page.locator("#feed-log li").first).to_contain_text("green tea (shipped)")
+    await expect(page.locator("#feed-log li").first).to_contain_text(
+        "green tea (shipped)"
+    )
     await expect(page.locator("#gql-log li")).to_have_count(1)
-    await expect(page.locator("#gql-log li").first).to_contain_text("green tea (shipped)")
+    await expect(page.locator("#gql-log li").first).to_contain_text(
+        "green tea (shipped)"
+    )
 
     # A later order of user 1 arrives; user 2's, posted before it, never.
     async with httpx.AsyncClient() as client:

@@ -22,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
+from pydantic import ValidationError
+
 from mycel import ConnectorError, Expression, ExpressionError, Filter, Hub, Message
 from mycel._auth import (
     ANONYMOUS,
@@ -38,7 +40,6 @@ from mycel._auth import (
     check_origin,
 )
 from mycel._expr import IndexedEquality
-from pydantic import ValidationError
 
 SECRET = "a-test-secret-that-is-long-enough-for-hs256"
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+
 from mycel.testing import free_port
 
 MYCEL = [sys.executable, "-m", "mycel"]

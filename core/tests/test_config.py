@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from mycel import ConfigError, _builtin, load_config, load_config_text
 from mycel.testing import registry
 
@@ -436,8 +437,9 @@ def test_all_problems_are_reported_at_once() -> None:
 
 
 def test_secret_values_are_not_shown_in_problems() -> None:
-    from mycel import Connector, Settings, hookimpl
     from pydantic import SecretStr
+
+    from mycel import Connector, Settings, hookimpl
 
     class VaultSettings(Settings):
         url: str

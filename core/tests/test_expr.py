@@ -5,6 +5,7 @@ from __future__ import annotations
 from decimal import Decimal
 
 import pytest
+
 from mycel import Expression, ExpressionError, Template, as_text
 from mycel._expr import IndexedEquality, rewrite_text_equality
 

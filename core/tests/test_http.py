@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
+
 from mycel import _builtin
 from mycel.testing import free_port, running
 

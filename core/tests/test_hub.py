@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+
 from mycel import Expression, Filter, Hub, Message, SubscriberClosed
 from mycel._expr import IndexedEquality
 from mycel._metrics import Metrics

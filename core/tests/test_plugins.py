@@ -6,6 +6,7 @@ import logging
 from collections.abc import Sequence
 
 import pytest
+
 from mycel import (
     ConfigError,
     Connector,

@@ -15,9 +15,9 @@ from cdc_support import (
     take,
     unique,
 )
+
 from mycel.testing import eventually, running
 from mycel_cdc import CdcConnector, parse_lsn
-
 from testsupport.base import service_unavailable
 from testsupport.postgres import PostgresUnavailable, start_logical_cluster
 

@@ -5,6 +5,7 @@ import re
 from decimal import Decimal
 
 from cdc_support import cdc_block, execute, flow, take, unique, without_meta
+
 from mycel.testing import running
 
 TYPES_TABLE = """

@@ -12,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 from cdc_support import execute, unique
+
 from mycel.testing import eventually
 
 WORKER = Path(__file__).with_name("cdc_kill_worker.py")

@@ -3,6 +3,7 @@
 import struct
 
 import pytest
+
 from mycel_cdc import DecodeError, Decoder
 
 

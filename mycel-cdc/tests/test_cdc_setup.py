@@ -5,9 +5,9 @@ import subprocess
 
 import pytest
 from cdc_support import cdc_block, execute, flow, query, unique
+
 from mycel import ConfigError, ConnectorError
 from mycel.testing import eventually, load_test_config, running
-
 from testsupport.base import port_open, service_unavailable
 
 

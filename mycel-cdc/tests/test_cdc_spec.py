@@ -9,6 +9,7 @@ import json
 from decimal import Decimal
 
 from cdc_support import execute, query
+
 from mycel.testing import eventually, running
 
 SPEC_EXAMPLE = """

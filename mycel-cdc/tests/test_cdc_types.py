@@ -1,6 +1,7 @@
 from decimal import Decimal
 
 import pytest
+
 from mycel_cdc import format_lsn, parse_array, parse_lsn
 from mycel_cdc._types import array_converter, scalar_converter
 

@@ -9,6 +9,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+
 from mycel import (
     Connector,
     ConnectorError,
@@ -22,7 +23,6 @@ from mycel import (
 )
 from mycel.testing import load_test_config
 from mycel_cluster import RedisBackplane
-
 from testsupport.base import port_open, service_unavailable
 
 REDIS = "redis://127.0.0.1:6379/0"

@@ -10,9 +10,9 @@ from typing import Any
 import jwt
 import pytest
 import websockets
-from mycel.testing import App, eventually, free_port, running
 from websockets.exceptions import InvalidStatus
 
+from mycel.testing import App, eventually, free_port, running
 from testsupport.auth import SECRET, make_token, unsigned_token
 from testsupport.graphql import RawSocket
 

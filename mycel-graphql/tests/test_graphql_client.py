@@ -8,13 +8,14 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import mycel
 import pytest
 import strawberry
-from mycel.testing import App, eventually, free_port, running
-from mycel_graphql import GraphqlConnector
 from strawberry.asgi import GraphQL
 from strawberry.scalars import JSON
+
+import mycel
+from mycel.testing import App, eventually, free_port, running
+from mycel_graphql import GraphqlConnector
 
 SERVER = """
 connector "mem" {{ type = "memory" }}

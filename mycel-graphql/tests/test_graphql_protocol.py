@@ -7,12 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import mycel_graphql._protocol
 import pytest
 import websockets
+
+import mycel_graphql._protocol
 from mycel.testing import App, eventually, free_port, running
 from mycel_graphql import GraphqlConnector
-
 from testsupport.graphql import RawSocket, raw_socket
 
 FLOWS = """

@@ -8,10 +8,10 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
-import mycel
 import pytest
-from mycel.testing import App, eventually, free_port, load_test_config, running
 
+import mycel
+from mycel.testing import App, eventually, free_port, load_test_config, running
 from testsupport.graphql import raw_socket
 
 SDL = """

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
 import mycel
 import mycel_graphql
-import pytest
 from mycel.testing import load_test_config
 from mycel_graphql import GraphqlSettings, subscription_document, websocket_url
 

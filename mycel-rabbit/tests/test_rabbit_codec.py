@@ -7,6 +7,7 @@ import uuid
 from decimal import Decimal
 
 import pytest
+
 from mycel_rabbit import decode_body, encode_payload
 from mycel_rabbit._codec import plain
 
@@ -80,8 +81,9 @@ def test_header_values_become_plain() -> None:
 def test_headers_read_back_can_be_written_again() -> None:
     import struct
 
-    from mycel_rabbit._codec import encodable
     from pamqp import decode, encode
+
+    from mycel_rabbit._codec import encodable
 
     # A long-string header that is not UTF-8, as another client may send it:
     # the decoder gives bytes, which the encoder refuses.

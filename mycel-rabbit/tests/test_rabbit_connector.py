@@ -20,6 +20,7 @@ from typing import Any
 
 import aio_pika
 import pytest
+
 from mycel import (
     Connector,
     ConnectorError,
@@ -30,7 +31,6 @@ from mycel import (
 )
 from mycel.testing import eventually, free_port, load_test_config, running
 from mycel_rabbit import RabbitConnector
-
 from testsupport.rabbit import AmqpProxy, RabbitNamespace, broker_stopped
 
 TIMEOUT = 10.0

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import mycel_rabbit
 import pytest
+from pydantic import ValidationError
+
+import mycel_rabbit
 from mycel import ConfigError
 from mycel.testing import load_test_config
 from mycel_rabbit import RabbitConnector, RabbitFromOptions, RabbitSettings
-from pydantic import ValidationError
 
 
 def problems(text: str) -> list[str]:

@@ -12,9 +12,9 @@ import httpx
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
+
 from mycel.testing import App, running, write_config
 from mycel_sse import SseConnector
-
 from testsupport.auth import SECRET, make_token
 from testsupport.sse import SseEvent, open_stream
 

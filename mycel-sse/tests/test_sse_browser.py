@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from mycel.testing import free_port, running, write_config
 
 pytestmark = pytest.mark.browser

@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import redis.asyncio as redis
+
 from mycel import Runtime
 from mycel.testing import load_test_config
 from mycel_sse import SseConnector
-
 from testsupport.base import port_open, service_unavailable
 from testsupport.sse import open_stream
 

@@ -8,9 +8,9 @@ import logging
 
 import httpx
 import pytest
+
 from mycel.testing import eventually, running
 from mycel_sse import SseConnector
-
 from testsupport.sse import SseEvent, open_stream
 
 BASE = """

@@ -6,6 +6,7 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+
 from mycel import Expression, Filter, Message
 from mycel._expr import IndexedEquality
 from mycel_sse._history import (

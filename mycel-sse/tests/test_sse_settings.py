@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import mycel_sse
 import pytest
+
+import mycel_sse
 from mycel import ConfigError
 from mycel.testing import load_test_config
 

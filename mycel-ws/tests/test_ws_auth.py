@@ -15,10 +15,10 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
-from mycel.testing import App, eventually, free_port, running, write_config
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from mycel.testing import App, eventually, free_port, running, write_config
 from testsupport.auth import SECRET, make_token
 from testsupport.ws import next_item, receive, ws_config
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from mycel.testing import free_port, running
 
 PAGE = """<!doctype html>

@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from mycel import ConfigError
-from mycel.testing import eventually, free_port, load_test_config, running
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from mycel import ConfigError
+from mycel.testing import eventually, free_port, load_test_config, running
 from testsupport.ws import next_item, receive, ws_config
 
 BROADCAST = """

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from mycel.testing import free_port, running
 from websockets.asyncio.client import connect
 
+from mycel.testing import free_port, running
 from testsupport.ws import next_item, receive, ws_config
 
 # Section 4 of the spec, as written; "rabbit" and "db" are memory connectors

@@ -6,8 +6,9 @@ import datetime
 import decimal
 import uuid
 
-import mycel_ws
 import pytest
+
+import mycel_ws
 from mycel.testing import free_port, running
 from mycel_ws import (
     ClientFrame,
@@ -17,7 +18,6 @@ from mycel_ws import (
     query_params,
 )
 from mycel_ws._frames import encode, message_frame
-
 from testsupport.ws import ws_config
 
 

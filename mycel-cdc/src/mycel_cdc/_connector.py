@@ -45,6 +45,7 @@ from collections import deque
 from typing import Any, ClassVar, Literal
 
 import psycopg
+
 from mycel import (
     Connector,
     ConnectorError,

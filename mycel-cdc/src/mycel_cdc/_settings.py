@@ -5,8 +5,9 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from mycel import Duration, Operation, Settings
 from pydantic import Field, field_validator
+
+from mycel import Duration, Operation, Settings
 
 __all__ = [
     "SOURCE_OPERATIONS",

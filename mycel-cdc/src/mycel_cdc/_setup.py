@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from mycel import ConnectorError
 from psycopg import sql
+
+from mycel import ConnectorError
 
 from ._pgoutput import parse_lsn
 from ._settings import qualified

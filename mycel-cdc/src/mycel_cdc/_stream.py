@@ -17,9 +17,10 @@ import time
 from typing import Any
 
 import psycopg
-from mycel import ConnectorError
 from psycopg import pq
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
+
+from mycel import ConnectorError
 
 from ._pgoutput import format_lsn
 

@@ -28,8 +28,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import redis.asyncio as aioredis
-from mycel import Backplane, ConnectorError, redact_url
 from redis.exceptions import RedisError
+
+from mycel import Backplane, ConnectorError, redact_url
 
 __all__ = ["RedisBackplane"]
 

@@ -34,7 +34,6 @@ import random
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
-import mycel
 from gql import Client, GraphQLRequest
 from gql.transport.exceptions import TransportQueryError
 from gql.transport.websockets import WebsocketsTransport
@@ -45,6 +44,8 @@ from graphql import (
     OperationType,
     parse,
 )
+
+import mycel
 
 from ._settings import ClientFromOptions, GraphqlSettings
 

@@ -45,6 +45,7 @@ from graphql import (
 )
 from graphql.execution.values import get_argument_values
 from graphql.language import ast
+
 from mycel.errors import ConnectorError
 
 __all__ = ["JSON_SCALAR", "Plan", "SchemaBuilder", "ServedSchema", "dumps"]

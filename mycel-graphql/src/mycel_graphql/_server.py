@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl
 
-import mycel
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
+
+import mycel
 
 from ._protocol import Connection, Receive, Send, choose_subprotocol
 from ._schema import SchemaBuilder, ServedSchema

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import mycel
 from pydantic import Field, ValidationInfo, field_validator
+
+import mycel
 
 __all__ = [
     "ClientFromOptions",

@@ -54,6 +54,8 @@ from aio_pika.abc import (
     AbstractQueue,
 )
 from aiormq.abc import DeliveredMessage
+from prometheus_client import Counter
+
 from mycel import (
     Connector,
     ConnectorError,
@@ -66,7 +68,6 @@ from mycel import (
     SourceBinding,
     redact_url,
 )
-from prometheus_client import Counter
 
 from ._acks import BROKER_ERRORS, Acker, delivery_tag
 from ._codec import decode_body, encodable, encode_payload, envelope

@@ -13,8 +13,9 @@ import re
 from typing import Literal
 from urllib.parse import urlsplit
 
-from mycel import Duration, Settings, redact_url
 from pydantic import Field, field_validator, model_validator
+
+from mycel import Duration, Settings, redact_url
 
 __all__ = [
     "DeadLetterSettings",

@@ -46,6 +46,16 @@ from contextvars import ContextVar
 from typing import Any, ClassVar
 
 import anyio
+from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Message as AsgiMessage
+from starlette.types import Receive, Scope, Send
+
 from mycel import (
     SSE_EXPIRED_EVENT,
     AsgiServer,
@@ -67,15 +77,6 @@ from mycel import (
     build_context,
     check_origin,
 )
-from sse_starlette import EventSourceResponse, ServerSentEvent
-from starlette.applications import Starlette
-from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
-from starlette.types import Message as AsgiMessage
-from starlette.types import Receive, Scope, Send
 
 from ._history import (
     Entry,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import re
 
-from mycel import AuthSettings, Duration, Settings
 from pydantic import Field, field_validator, model_validator
+
+from mycel import AuthSettings, Duration, Settings
 
 __all__ = [
     "GAP_EVENT",

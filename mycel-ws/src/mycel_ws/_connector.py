@@ -33,6 +33,12 @@ from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
 
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
+from websockets.http11 import Request, Response
+
 from mycel import (
     ANONYMOUS,
     CLOSE_TOKEN_EXPIRED,
@@ -52,11 +58,6 @@ from mycel import (
     Subscriber,
     check_origin,
 )
-from websockets.asyncio.server import Server, ServerConnection, serve
-from websockets.datastructures import Headers
-from websockets.exceptions import ConnectionClosed
-from websockets.frames import CloseCode
-from websockets.http11 import Request, Response
 
 from ._context import connection_context, query_params
 from ._frames import (

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from mycel import AuthSettings, Duration, Settings
 from pydantic import Field, field_validator
+
+from mycel import AuthSettings, Duration, Settings
 
 __all__ = ["WebSocketSettings"]
 

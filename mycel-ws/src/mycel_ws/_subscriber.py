@@ -22,10 +22,11 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from mycel import Hub, Message, Subscriber
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
+
+from mycel import Hub, Message, Subscriber
 
 from ._frames import message_frame
 

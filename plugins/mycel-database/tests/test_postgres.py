@@ -22,8 +22,8 @@ from typing import Any
 
 import asyncpg
 import pytest
-from mycel.testing import App, eventually, free_port, running
 
+from mycel.testing import App, eventually, free_port, running
 from testsupport.base import service_unavailable
 
 
@@ -521,8 +521,9 @@ async def test_handle_ws_message_from_a_real_websocket_client(
     # The seed flow exactly as written, with the WebSocket connector of
     # mycel-ws when it is installed (it is, in the project's test runs).
     try:
-        import mycel_ws  # noqa: F401
         from websockets.asyncio.client import connect
+
+        import mycel_ws  # noqa: F401
     except ImportError:
         service_unavailable("mycel-ws, for the WebSocket source")
     await pg.execute(MESSAGES_TABLE)

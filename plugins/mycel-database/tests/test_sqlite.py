@@ -7,6 +7,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+
 from mycel import ConfigError, ConnectorError
 from mycel.testing import load_test_config, running, write_config
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import mycel_database
 import pytest
+
+import mycel_database
 from mycel_database._statement import Statement, TableName, TargetSpec, parse_target
 
 

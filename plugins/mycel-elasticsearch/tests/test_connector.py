@@ -20,13 +20,13 @@ from typing import Any
 
 import httpx
 import pytest
-from mycel import AsgiServer, ConfigError, ConnectorError
-from mycel.testing import App, eventually, load_test_config, running
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from mycel import AsgiServer, ConfigError, ConnectorError
+from mycel.testing import App, eventually, load_test_config, running
 from testsupport.base import service_unavailable
 
 
@@ -465,6 +465,7 @@ async def test_sync_to_elastic_from_real_change_data_capture(
     # The seed flow with the CDC connector of mycel-cdc when installed.
     try:
         import asyncpg
+
         import mycel_cdc  # noqa: F401
     except ImportError:
         service_unavailable("mycel-cdc, for the CDC source")

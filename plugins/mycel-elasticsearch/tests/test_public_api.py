@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import mycel_elasticsearch
 import pytest
+
+import mycel_elasticsearch
 from mycel_elasticsearch._connector import check_index
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import pytest
+
 import mycel
 import mycel_redis
-import pytest
 from mycel.testing import free_port, load_test_config, running
 
 

@@ -7,6 +7,7 @@ import logging
 from typing import Any
 
 import pytest
+
 from mycel.testing import eventually, running
 
 

@@ -7,8 +7,9 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-import mycel
 import pytest
+
+import mycel
 from mycel.testing import eventually, running
 
 

@@ -12,9 +12,10 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 import mycel
 import mycel_example
-import pytest
 from mycel.testing import load_test_config, running
 
 

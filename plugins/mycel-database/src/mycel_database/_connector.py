@@ -31,6 +31,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from prometheus_client import CollectorRegistry, Counter
+
 from mycel import (
     Connector,
     ConnectorError,
@@ -39,7 +41,6 @@ from mycel import (
     Operation,
     Settings,
 )
-from prometheus_client import CollectorRegistry, Counter
 
 from ._backend import Backend, Batcher, TableInfo
 from ._postgres import PostgresBackend

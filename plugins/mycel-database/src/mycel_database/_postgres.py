@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
+
 from mycel import DeliveryError
 
 from ._backend import Column, TableInfo

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from mycel import Duration, Settings
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
+
+from mycel import Duration, Settings
 
 __all__ = ["DatabaseSettings", "DatabaseToOptions"]
 

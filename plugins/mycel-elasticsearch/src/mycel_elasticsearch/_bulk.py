@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+
 from mycel import DeliveryError
 
 from ._settings import ElasticsearchSettings

@@ -29,6 +29,8 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 import httpx
+from prometheus_client import CollectorRegistry, Counter
+
 from mycel import (
     Connector,
     ConnectorError,
@@ -40,7 +42,6 @@ from mycel import (
     Settings,
     redact_url,
 )
-from prometheus_client import CollectorRegistry, Counter
 
 from ._bulk import Action, BulkClient, Bulker, encode, error_text
 from ._settings import DEFAULT_URL, ElasticsearchSettings, ElasticsearchToOptions

@@ -22,11 +22,12 @@ import json
 import logging
 from typing import Any, Literal
 
-import mycel
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+import mycel
 
 from ._pubsub import PubSubReader
 from ._settings import RedisFromOptions, RedisSettings, RedisToOptions

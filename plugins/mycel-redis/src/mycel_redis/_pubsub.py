@@ -20,11 +20,12 @@ import logging
 from collections import defaultdict
 from typing import Any
 
-import mycel
 import redis.asyncio as aioredis
 from redis.asyncio.client import PubSub
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+import mycel
 
 from ._settings import RedisSettings
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import socket
 from typing import Literal
 
-import mycel
 from pydantic import Field, field_validator
+
+import mycel
 
 __all__ = ["RedisFromOptions", "RedisSettings", "RedisToOptions"]
 

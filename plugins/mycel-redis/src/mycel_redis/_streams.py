@@ -37,11 +37,12 @@ import json
 import logging
 from typing import Any
 
-import mycel
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+import mycel
 
 from ._settings import RedisSettings
 

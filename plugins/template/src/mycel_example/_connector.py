@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import mycel
 from pydantic import Field
+
+import mycel
 
 __all__ = ["ExampleConnector", "ExampleSettings"]
 
