@@ -1,4 +1,4 @@
-"""1,000 WebSocket clients, of which 100 never read and 100 vanish.
+"""1,000 WebSocket clients, of which 100 never read and 100 vanish (and SSE).
 
 RabbitMQ -> WebSocket broadcast through ``mycel run``. The 100 readers that
 never read are raw TCP sockets (a tiny receive buffer) that completed the
@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from _e2e import MycelProcess, percentile, ws_connect
+
 from mycel.testing import eventually, free_port
 
 pytestmark = pytest.mark.slow
@@ -140,5 +142,139 @@ connector "ws" {{
         for task in readers:
             task.cancel()
         for sock in stalled:
+            sock.close()
+        assert await mycel.stop() == 0, mycel.text
+
+
+SSE_GOOD, SSE_STALLED, SSE_VANISHING = 300, 50, 50
+
+SSE_FLOW = """
+flow "ticks" {
+  from { connector = "rabbit"  operation = "ticks" }
+  to   { connector = "sse"     operation = "stream:ticks" }
+}
+flow "bulk" {
+  from { connector = "rabbit"  operation = "bulk" }
+  to {
+    connector = "sse"
+    operation = "broadcast"
+    filter    = "context.params.kind == 'stalled'"
+  }
+}
+"""
+# An SSE server cannot tell a client that stopped reading until the
+# kernel's buffers (up to 4 MB here) are full: the stalled clients alone
+# also get 6 MB of "bulk" events, so that they overflow for sure.
+BULK = "y" * 65536
+
+
+async def raw_sse(
+    port: int, *, rcvbuf: int | None = None, query: str = ""
+) -> socket.socket:
+    """A GET of the stream over a raw socket, up to the response headers."""
+    sock = socket.socket()
+    if rcvbuf is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(
+        sock,
+        f"GET /events/ticks{query} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode(),
+    )
+    head = b""
+    while b"\r\n\r\n" not in head:
+        chunk = await asyncio.wait_for(loop.sock_recv(sock, 1), 10)
+        assert chunk, "closed before the headers"
+        head += chunk
+    assert head.startswith(b"HTTP/1.1 200"), head
+    return sock
+
+
+async def test_stalled_and_vanished_sse_clients_do_not_hurt_the_rest(
+    tmp_path: Path, rabbit: Any
+) -> None:
+    """The same for SSE, at 400 clients: 50 stalled, 50 vanished."""
+    port, admin = free_port(), free_port()
+    config = (
+        f'service {{\n  name = "e2e"\n  admin_port = {admin}\n}}\n'
+        + rabbit.connector("rabbit", prefetch=100)
+        + f"""
+connector "sse" {{
+  type         = "sse"
+  port         = {port}
+  send_queue   = 20
+  send_timeout = "2s"
+}}
+"""
+        + SSE_FLOW
+    )
+    mycel = MycelProcess(tmp_path / "run", config, admin_port=admin)
+    await mycel.start()
+    sockets: list[socket.socket] = []
+    readers: list[asyncio.Task[list[int]]] = []
+    try:
+        loop = asyncio.get_running_loop()
+        good = [await raw_sse(port) for _ in range(SSE_GOOD)]
+        stalled = [
+            await raw_sse(port, rcvbuf=2048, query="?kind=stalled")
+            for _ in range(SSE_STALLED)
+        ]
+        vanishing = [await raw_sse(port) for _ in range(SSE_VANISHING)]
+        sockets = good + stalled + vanishing
+        await mycel.wait_metric("mycel_subscribers", 400, connector="sse")
+
+        async def read(sock: socket.socket) -> list[int]:
+            seen: list[int] = []
+            buffer = b""
+            while len(seen) < MESSAGES:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 65536), 60)
+                assert chunk, "the stream ended"
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for line in lines:
+                    if line.startswith(b"data: "):
+                        seen.append(json.loads(line[6:])["n"])
+            return seen
+
+        readers[:] = [asyncio.create_task(read(s)) for s in good]
+        for n in range(MESSAGES):
+            if n == MESSAGES // 3:
+                for sock in vanishing:
+                    sock.setsockopt(
+                        socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
+                    )
+                    sock.close()  # a reset, no orderly end
+            await rabbit.publish("ticks", {"n": n, "pad": PAD})
+            if n < 100:
+                await rabbit.publish("bulk", {"bulk": BULK})
+        results = await asyncio.gather(*readers)
+        assert all(seen == list(range(MESSAGES)) for seen in results)
+
+        async def only_good_left() -> bool:
+            return await mycel.metric("mycel_subscribers", connector="sse") == SSE_GOOD
+
+        try:
+            await eventually(only_good_left, timeout=30, interval=0.1)
+        finally:
+            left = await mycel.metric("mycel_subscribers", connector="sse")
+            slow = await mycel.metric(
+                "mycel_slow_consumers_dropped_total", connector="sse"
+            )
+            print(f"\nSSE subscribers left: {left:.0f}, slow dropped {slow:.0f}")
+        dropped = await mycel.metric(
+            "mycel_slow_consumers_dropped_total", connector="sse"
+        )
+        print(
+            f"\n[400 SSE clients] good {SSE_GOOD} got {MESSAGES} events each; "
+            f"slow consumers dropped {dropped:.0f} of {SSE_STALLED} stalled; "
+            f"vanished {SSE_VANISHING} closed"
+        )
+        assert dropped == SSE_STALLED
+        assert mycel.alive
+    finally:
+        for task in readers:
+            task.cancel()
+        for sock in sockets:
             sock.close()
         assert await mycel.stop() == 0, mycel.text
