@@ -19,7 +19,6 @@ from typing import Any
 import psycopg
 import pytest
 from _e2e import MycelProcess, ws_frame, ws_join
-from mycel.testing import eventually, free_port
 from test_e2e_scenarios import (
     CHAINED,
     LIVE_ORDER_UPDATES,
@@ -31,6 +30,7 @@ from test_e2e_scenarios import (
     ws_block,
 )
 
+from mycel.testing import eventually, free_port
 from testsupport.postgres import (
     LogicalCluster,
     PostgresUnavailable,

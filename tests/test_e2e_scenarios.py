@@ -19,8 +19,8 @@ from typing import Any
 import psycopg
 import pytest
 from _e2e import GqlClient, MycelProcess, ws_frame, ws_join
-from mycel.testing import free_port
 
+from mycel.testing import free_port
 from testsupport.sse import open_stream
 
 pytestmark = pytest.mark.slow

@@ -20,8 +20,8 @@ import httpx
 import psycopg
 import pytest
 from _e2e import GqlClient, MycelProcess, ws_connect, ws_frame, ws_join
-from mycel.testing import App, eventually, free_port, running
 
+from mycel.testing import App, eventually, free_port, running
 from testsupport.base import ROOT
 from testsupport.sse import open_stream
 

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
 from mycel import ConfigError, Expression, ExpressionError, MycelError, Template
 from mycel._config import load_config_text
 from mycel.testing import registry

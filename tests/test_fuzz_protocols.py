@@ -29,9 +29,9 @@ import pytest
 import websockets
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
-from mycel.testing import free_port
 from websockets.exceptions import ConnectionClosed
 
+from mycel.testing import free_port
 from testsupport.base import port_open
 from testsupport.rabbit import RABBIT_URL, delete_prefixed
 
