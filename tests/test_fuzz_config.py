@@ -206,14 +206,6 @@ flow "f" {
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "core bug: a connector whose settings fail validation hides every "
-        "problem of the flows that use it (here the unclosed template on "
-        "line 8), though SPEC section 2 says all problems are reported at once"
-    ),
-)
 def test_a_bad_setting_does_not_hide_a_bad_template(tmp_path: Path) -> None:
     (tmp_path / "main.mycel").write_text(BROKEN_TWICE)
     result = subprocess.run(

@@ -591,6 +591,11 @@ class _Checker:
             if expression is not None:
                 filter_ = Filter(expression, IndexedEquality.detect(expression.source))
         if connector is None:
+            # Still check the templates: they do not depend on the connector.
+            for name in ("operation", "target"):
+                attr = block.attributes.get(name)
+                if attr is not None:
+                    self.template(attr.value, block, attr.line, f"{what} {name}")
             return None
         options, options_ok = self.options(
             connector.cls.to_options, block, reserved, what
