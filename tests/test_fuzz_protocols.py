@@ -410,24 +410,12 @@ async def sse_case(server: Server, segment: str, query: str, last_id: str) -> in
 def test_sse_paths_queries_and_headers(
     server: Server, segment: str, query: str, last_id: str
 ) -> None:
-    # A newline in the stream name is the known bug of the test below.
-    assume("\n" not in segment)
     # httpx itself refuses header values with surrounding whitespace.
     assume(last_id == last_id.strip())
     server.run(sse_case(server, segment, query, last_id))
     assert server.alive
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "mycel-sse bug: the route PATH/{stream:path} is Starlette's regex '.*' "
-        "with '$', which does not match a newline: GET /events/a%0Ab gets "
-        "Starlette's text/plain 404 'Not Found' instead of the documented "
-        "400 JSON 'invalid stream name', and GET /events/%0A reports the "
-        "name as '' (the '$' matches before the trailing newline)"
-    ),
-)
 def test_sse_newline_in_stream_name_is_an_invalid_name(server: Server) -> None:
     async def get(path: str) -> tuple[int, Any]:
         async with httpx.AsyncClient(timeout=10) as client:

@@ -127,3 +127,11 @@ def test_gap_and_comment_encoding() -> None:
     )
     assert encode_gap("y" * 500, "unknown").count(b"y") == 128
     assert encode_comment("closed: a\nb") == b": closed: a b\n\n"
+
+
+def test_line_separators_inside_strings_are_escaped() -> None:
+    encoded = encode_event("7", None, {"text": "a\u2028b\x85c\u2029d é"})
+    assert encoded == (
+        b'id: 7\ndata: {"text":"a\\u2028b\\u0085c\\u2029d \xc3\xa9"}\n\n'
+    )
+    assert encoded.decode().splitlines()[1].startswith("data: ")

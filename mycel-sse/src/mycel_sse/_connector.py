@@ -48,6 +48,7 @@ from typing import Any, ClassVar
 import anyio
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
+from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
@@ -321,7 +322,7 @@ class SseConnector(Connector):
         path = settings.path
         routes = [
             Route(path, self._open, methods=["GET"]),
-            Route(path + "/{stream:path}", self._open, methods=["GET"]),
+            Route(path + "/{stream:mycel_sse_any}", self._open, methods=["GET"]),
         ]
         middleware = []
         if settings.cors is not None:
@@ -630,6 +631,27 @@ class SseConnector(Connector):
         for flow, (sent, filtered, failed) in found.counts.items():
             self.services.metrics.fan_out(flow, self.name, sent, filtered, failed)
         return head
+
+
+class _AnyText(Convertor[str]):
+    """A path segment of any characters, newlines included.
+
+    Starlette's ``path`` convertor is ``.*``, which stops at a newline, so
+    ``/events/a%0Ab`` would be a 404 from the router instead of this
+    connector's own 400 for an invalid stream name.
+
+    """
+
+    regex = r"[\s\S]*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("mycel_sse_any", _AnyText())
 
 
 def _log_number(entry_id: str) -> int:

@@ -233,6 +233,9 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable")
 
 
+_UNSPLITTABLE = {0x85: "\\u0085", 0x2028: "\\u2028", 0x2029: "\\u2029"}
+
+
 def encode_event(event_id: str, event: str | None, payload: Any) -> bytes:
     """One event on the wire: ``id``, optional ``event``, JSON ``data``.
 
@@ -246,6 +249,11 @@ def encode_event(event_id: str, event: str | None, payload: Any) -> bytes:
         allow_nan=False,
         default=_json_default,
     )
+    if not data.isascii():
+        # Line separators other than CR and LF are valid inside JSON text,
+        # but clients that split lines like str.splitlines() (httpx, many
+        # hand-written readers) would cut the event there.
+        data = data.translate(_UNSPLITTABLE)
     head = (
         f"id: {event_id}\n" if event is None else (f"id: {event_id}\nevent: {event}\n")
     )
