@@ -40,15 +40,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import cel
 import jwt
-from cel.stdlib import EXTENSIONS as _CEL_EXTENSIONS
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from cryptography.x509 import load_pem_x509_certificate
 from pydantic import Field, SecretStr, ValidationInfo, field_validator
 
-from ._expr import _compile_message
+from ._expr import Expression
 from ._settings import Duration, Settings
 from .errors import ConnectorError, ExpressionError, MycelError
 
@@ -395,14 +393,6 @@ def check_origin(origin: str | None, allowed: Sequence[str]) -> bool:
 
 # Room joins
 
-_JOIN_FUNCTIONS: dict[str, Callable[..., Any]] = dict(_CEL_EXTENSIONS["strings"])
-# Functions and macros the Rust CEL library provides itself.
-_NATIVE = {
-    "size", "has", "int", "uint", "double", "string", "bytes", "bool", "type",
-    "duration", "timestamp", "matches", "contains", "startsWith", "endsWith",
-    "exists", "exists_one", "all", "map", "filter", "max", "min", "dyn",
-}  # fmt: skip
-
 
 class JoinPolicy:
     """The ``join_if`` condition: may this connection join this room?
@@ -412,40 +402,27 @@ class JoinPolicy:
     ``substring``, ...), so the condition can take a room apart:
     ``context.user.tenant == room.split(':')[0]``. A condition whose
     evaluation fails (an anonymous client has no ``context.user``) refuses
-    the join: it fails closed. Comparisons are CEL's, strictly typed: a
-    numeric claim compares with ``string(context.user.tenant)``.
+    the join: it fails closed. An equality between a ``context`` path and a
+    plain path or literal compares text, as in filters; other comparisons
+    are CEL's, strictly typed.
 
     """
 
-    __slots__ = ("_functions", "_program", "source")
+    __slots__ = ("_expression", "source")
 
     def __init__(self, source: str) -> None:
         if not isinstance(source, str) or not source.strip():
             raise ExpressionError("join_if must be a non-empty expression")
         self.source = source
-        try:
-            self._program = cel.compile(source)
-        except ValueError as exc:
-            raise ExpressionError(_compile_message(source, exc)) from exc
-
-        # Only known names: a typo is an error at start, not a refused join.
-        used = {f for f in self._program.functions() if f[:1].isalpha()}
-        unknown = sorted(used - _NATIVE - set(_JOIN_FUNCTIONS))
-        if unknown:
-            raise ExpressionError(f"unknown function {unknown[0]!r} in {source!r}")
-        self._functions = {k: v for k, v in _JOIN_FUNCTIONS.items() if k in used}
-        names = set(self._program.variables()) - {"context", "room"}
-        if names:
-            raise ExpressionError(
-                f"unknown name {sorted(names)[0]!r} in {source!r}; use context or room"
-            )
+        # Only known names and functions: a typo is an error at start, not
+        # a refused join.
+        self._expression = Expression(source, names=("context", "room"))
 
     def allows(self, context: Mapping[str, Any], room: str) -> bool:
         """True only when the condition evaluates to exactly ``true``."""
-        variables = {"context": dict(context), "room": room}
         try:
-            result = self._program.execute(cel.Context(variables, self._functions))
-        except Exception as exc:  # the CEL binding raises assorted types
+            result = self._expression.evaluate({"context": dict(context), "room": room})
+        except ExpressionError as exc:
             logger.debug("join_if %r failed for room %r: %s", self.source, room, exc)
             return False
         return result is True

@@ -16,7 +16,7 @@ CEL's strict typing.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
@@ -188,7 +188,11 @@ class Expression:
     __slots__ = ("_functions", "_program", "source")
 
     def __init__(
-        self, source: str, functions: Mapping[str, Callable[..., Any]] | None = None
+        self,
+        source: str,
+        functions: Mapping[str, Callable[..., Any]] | None = None,
+        *,
+        names: Sequence[str] = ("input", "output", "context"),
     ) -> None:
         if not isinstance(source, str) or not source.strip():
             raise ExpressionError("an expression must be a non-empty string")
@@ -206,12 +210,15 @@ class Expression:
         unknown = self._unknown_names(used)
         if unknown:
             raise ExpressionError(f"unknown function {unknown[0]!r} in {source!r}")
-        names = set(self._program.variables()) - {"input", "output", "context"}
-        names -= self._bound_names(compiled_source)
-        if names:
+        unknown_names = set(self._program.variables()) - set(names)
+        unknown_names -= self._bound_names(compiled_source)
+        if unknown_names:
+            allowed = " or ".join(
+                [", ".join(names[:-1]), names[-1]] if len(names) > 1 else names
+            )
             raise ExpressionError(
-                f"unknown name {sorted(names)[0]!r} in {source!r}; "
-                "use input, output or context"
+                f"unknown name {sorted(unknown_names)[0]!r} in {source!r}; "
+                f"use {allowed}"
             )
 
     def _unknown_names(self, used: set[str]) -> list[str]:
