@@ -895,3 +895,9 @@ def test_jwks_keys_for_other_algorithms_are_skipped(
     assert refused(auth, ec_token) == "algorithm not allowed"
     rs_token = jwt.encode(claims(), rsa_key, "RS256", headers={"kid": "rsa"})
     assert auth.verify(rs_token)["sub"] == "alice"
+
+
+def test_join_policy_compares_a_claim_with_the_room_by_text() -> None:
+    policy = JoinPolicy("context.user.team == room")
+    assert policy.allows({"user": {"team": 7}}, "7") is True
+    assert policy.allows({"user": {"team": 7}}, "8") is False
