@@ -13,10 +13,12 @@ goes to one of ``GROUPS`` groups of clients (an indexed per-client filter,
 ``input.group == context.params.group``), so that one Python client process
 can read every frame it is sent on 2 cores.
 
-Two phases in the same run, at the same steady rate (``RATE`` ticks per
+Three phases in the same run, at the same steady rate (``RATE`` ticks per
 second for ``SECONDS`` seconds, after a warm-up that is not counted):
 
 - baseline: the 800 good clients alone;
+- control: the 800 good clients and 100 more, in this process, that read
+  (and drop) the same bulk traffic as the stalled ones below get;
 - with bad clients: 100 more that completed the handshake and never read
   (raw sockets with a 2 KB receive buffer) and 100 more whose sockets are
   reset (``SO_LINGER`` 0, no close frame, no orderly FIN) a third of the
@@ -38,8 +40,9 @@ must fall back to 800 and ``mycel_slow_consumers_dropped_total`` reach 100.
 A real vanished peer (cable pulled) sends nothing at all; on loopback the
 nearest is a reset. A silent one is indistinguishable from a stalled reader
 until ``ping_timeout`` and is not measured here. The baseline carries no
-bulk traffic: the ratio includes the cost of those bytes, not only of the
-clients being bad.
+bulk traffic: the ratio against it includes the cost of those bytes, not
+only of the clients being bad; the ratio against the control phase is the
+cost of their being bad alone.
 """
 
 from __future__ import annotations
@@ -190,6 +193,28 @@ async def raw_client(port: int, query: str, rcvbuf: int | None) -> socket.socket
         head += chunk
     assert head.startswith(b"HTTP/1.1 101"), head
     return sock
+
+
+async def drain(sock: socket.socket) -> int:
+    """Read and drop what the server sends until the control phase is over.
+
+    The bytes received; the socket is closed after that.
+    """
+    loop = asyncio.get_running_loop()
+    total = 0
+    deadline = loop.time() + SECONDS + 3
+    try:
+        while (left := deadline - loop.time()) > 0:
+            try:
+                chunk = await asyncio.wait_for(loop.sock_recv(sock, 1 << 20), left)
+            except TimeoutError:
+                break
+            if not chunk:
+                break
+            total += len(chunk)
+    finally:
+        sock.close()
+    return total
 
 
 def vanish(sock: socket.socket) -> None:
@@ -412,6 +437,27 @@ async def scenario(mycel: Mycel, pipe: Connection) -> dict[str, Any]:
     cpu_before = mycel.cpu() - cpu
     baseline, ended_before = collect(pipe, ticks * per_tick)
 
+    # The control: the same bulk traffic to 100 clients that do read it.
+    loop = asyncio.get_running_loop()
+    readers = list(
+        await asyncio.gather(
+            *(
+                raw_client(
+                    mycel.port, f"kind=reader&group={i % GROUPS}&rooms=stalled", None
+                )
+                for i in range(STALLED)
+            )
+        )
+    )
+    drains = [asyncio.create_task(drain(sock)) for sock in readers]
+    await mycel.wait_metric("mycel_subscribers", GOOD + STALLED, 30)
+    cpu = mycel.cpu()
+    late_control = await publish(mycel, ticks, bulk=BULK_MESSAGES)
+    cpu_control = mycel.cpu() - cpu
+    control, _ = await loop.run_in_executor(None, collect, pipe, ticks * per_tick)
+    drained = sum(await asyncio.gather(*drains))
+    await mycel.wait_metric("mycel_subscribers", GOOD, 30)
+
     stalled = list(
         await asyncio.gather(
             *(
@@ -432,7 +478,6 @@ async def scenario(mycel: Mycel, pipe: Connection) -> dict[str, Any]:
     )
     total = GOOD + STALLED + VANISHING
     all_in = await mycel.wait_metric("mycel_subscribers", total, 30)
-    loop = asyncio.get_running_loop()
     started, cpu = time.monotonic(), mycel.cpu()
     wall = time.time()
     timeline = asyncio.create_task(watch(mycel, started))
@@ -450,6 +495,8 @@ async def scenario(mycel: Mycel, pipe: Connection) -> dict[str, Any]:
     return {
         "baseline": [latency for _, latency in baseline],
         "with": [latency for _, latency in with_bad],
+        "control": [latency for _, latency in control],
+        "drained": drained,
         "after": [
             latency
             for sent, latency in with_bad
@@ -460,8 +507,8 @@ async def scenario(mycel: Mycel, pipe: Connection) -> dict[str, Any]:
         "good_closed_before": ended_before,
         "all_connected": all_in,
         "closed_all": closed_all,
-        "late": (late_before, late_after),
-        "cpu": (cpu_before, cpu_after),
+        "late": (late_before, late_after, late_control),
+        "cpu": (cpu_before, cpu_after, cpu_control),
         "marks": MARKS,
         "left": left,
         "dropped": dropped,
@@ -503,6 +550,28 @@ def report(result: dict[str, Any]) -> None:
             notes=(
                 f"{load}; plus {STALLED} stalled (never read, 2 KB SO_RCVBUF, "
                 f"{BULK_MESSAGES} x 64 KB bulk each) and {VANISHING} reset"
+            ),
+        )
+    control = result["control"]
+    for q in (50, 95, 99):
+        value = percentile(ours, q) * 1000
+        baseline = percentile(control, q) * 1000
+        emit(
+            figure=f"good clients' latency p{q}, bad clients vs the same bytes read",
+            unit="ms",
+            value=value,
+            baseline_name="800 good + 100 readers getting the same bulk",
+            baseline=baseline,
+            ratio=baseline / value if value else float("nan"),
+            higher_is_better=False,
+            aim=">= 0.8",
+            notes=(
+                "control phase: the bulk goes to 100 clients that read it "
+                f"({result['drained'] / 1e6:.0f} MB read), nobody is bad; "
+                f"received {len(control)}/{expected}; publisher at most "
+                f"{result['late'][2] * 1000:.0f} ms behind; server CPU "
+                f"{result['cpu'][2]:.1f} s: this ratio is the cost of the "
+                "clients being bad, without the cost of the bytes"
             ),
         )
     after = result["after"]
