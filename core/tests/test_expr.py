@@ -141,6 +141,8 @@ def test_unclosed_template() -> None:
             "output.owner.id == context.user.sub",
             ("output", ("owner", "id"), ("user", "sub")),
         ),
+        ("context.params.kind == 'vip'", ("literal", ("vip",), ("params", "kind"))),
+        ("7 == context.user.level", ("literal", ("7",), ("user", "level"))),
         ("input.a == context.params.a && input.b == 1", None),
         ("input.a == 1", None),
         ("input.a != context.params.a", None),

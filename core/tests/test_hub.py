@@ -203,3 +203,18 @@ def test_close_all_closes_every_subscriber_with_reason() -> None:
 def test_queue_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="queue_size must be at least 1, not 0"):
         Hub("ws").subscribe({}, queue_size=0)
+
+
+@pytest.mark.parametrize("indexed", [True, False])
+def test_filter_on_a_literal_selects_subscribers_by_their_context(
+    indexed: bool,
+) -> None:
+    hub = Hub("ws")
+    vip = hub.subscribe({"params": {"kind": "vip"}}, ["t"])
+    other = hub.subscribe({"params": {"kind": "basic"}}, ["t"])
+    source = "context.params.kind == 'vip'"
+    flt = make_filter(source) if indexed else Filter(Expression(source), None)
+    assert (flt.indexed is not None) is indexed
+    assert hub.publish("t", Message("t", {}, "offer"), flt) == 1
+    assert drain(vip) == ["offer"]
+    assert drain(other) == []

@@ -344,7 +344,9 @@ class IndexedEquality:
     below it, ``context_path`` the keys below ``context``. The fan-out hub
     looks such filters up in an index instead of evaluating them per
     subscriber; the comparison is by text, as for any equality with a
-    ``context`` path.
+    ``context`` path. A literal in place of the event side
+    (``context.params.kind == 'vip'``) is indexed too: ``event_root`` is
+    then ``"literal"`` and ``event_path`` holds its text.
 
     """
 
@@ -355,6 +357,7 @@ class IndexedEquality:
     _PATH = r"([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)"
     _EVENT = re.compile(r"^(input|output)\." + _PATH + r"$")
     _CONTEXT = re.compile(r"^context\." + _PATH + r"$")
+    _LITERAL = re.compile(r"""^(?:'([^'\\]*)'|"([^"\\]*)"|(-?\d+))$""")
 
     @classmethod
     def detect(cls, source: str) -> IndexedEquality | None:
@@ -365,16 +368,23 @@ class IndexedEquality:
         for event_side, context_side in ((left, right), (right, left)):
             event = cls._EVENT.match(event_side)
             context = cls._CONTEXT.match(context_side)
-            if event and context and "." in context.group(1):
+            if not context or "." not in context.group(1):
+                continue
+            context_path = tuple(context.group(1).split("."))
+            if event:
                 return cls(
-                    event.group(1),
-                    tuple(event.group(2).split(".")),
-                    tuple(context.group(1).split(".")),
+                    event.group(1), tuple(event.group(2).split(".")), context_path
                 )
+            literal = cls._LITERAL.match(event_side)
+            if literal:
+                text = next(g for g in literal.groups() if g is not None)
+                return cls("literal", (text,), context_path)
         return None
 
     def event_value(self, input: Any, output: Any) -> str | None:
         """The text to look up for one event, or None when it has none."""
+        if self.event_root == "literal":
+            return self.event_path[0]
         value = input if self.event_root == "input" else output
         for key in self.event_path:
             if not isinstance(value, Mapping) or key not in value:

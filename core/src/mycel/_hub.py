@@ -7,8 +7,9 @@ Publishing an event puts it on the queue of every subscriber of the topic
 whose filter holds, and never waits: a subscriber whose queue is full is
 closed with a reason ("slow consumer") so that it cannot slow the others.
 
-Filters of the form ``input.X == context.params.Y`` are answered from an
-index keyed by the text of ``context.params.Y``, so the cost of an event
+Filters of the form ``input.X == context.params.Y`` (or with a literal in
+place of ``input.X``) are answered from an index keyed by the text of
+``context.params.Y``, so the cost of an event
 follows the number of matching subscribers, not the size of the topic.
 Other filters are evaluated for each subscriber of the topic. A filter whose
 evaluation fails counts as false for that subscriber and is counted.
