@@ -16,7 +16,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, ValidationError
 
@@ -780,5 +780,3 @@ def load_config_text(
     config.base_dir = base_dir or Path.cwd()
     return config
 
-
-Role = Literal["source", "target"]

@@ -224,6 +224,3 @@ def _record_failure(info: PluginInfo, exc: BaseException) -> None:
         "plugin %r (%s) failed to load", info.name, info.distribution, exc_info=exc
     )
 
-
-def describe_operations(operations: Sequence[Operation]) -> list[str]:
-    return [op.pattern for op in operations]
