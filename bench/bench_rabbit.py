@@ -100,12 +100,12 @@ async def mycel_run(config_text: str, count: int) -> tuple[float, float]:
 
     """
     runtime = Runtime(load_test_config(config_text))
-    delivered = runtime.metrics.events_out.labels("bench", "mem")
+    delivered = runtime.metrics.events_out.cell("bench", "mem")
     finished = asyncio.Event()
     check_every = 0.005
 
     async def watch() -> None:
-        while delivered._value.get() < count:
+        while delivered[0] < count:
             await asyncio.sleep(check_every)
         finished.set()
 
@@ -256,7 +256,7 @@ async def plain_publish(exchange_name: str, count: int) -> tuple[float, float]:
 async def mycel_publish(config_text: str, count: int) -> tuple[float, float]:
     """Wall and CPU seconds for a memory -> rabbitmq flow to publish ``count``."""
     runtime = Runtime(load_test_config(config_text))
-    delivered = runtime.metrics.events_out.labels("pub", "rabbit")
+    delivered = runtime.metrics.events_out.cell("pub", "rabbit")
     memory = runtime.connectors["mem"]
     assert isinstance(memory, MemoryConnector)
     started = time.perf_counter()
@@ -266,7 +266,7 @@ async def mycel_publish(config_text: str, count: int) -> tuple[float, float]:
         await memory.publish(
             "in", {"order_id": n, "status": "created", "user_id": n % 100}
         )
-    while delivered._value.get() < count:
+    while delivered[0] < count:
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - started, time.process_time() - cpu
     await runtime.stop(timeout=10)

@@ -109,7 +109,7 @@ async def mycel_run(
     while not await settled(watcher, stream, group, count):
         await asyncio.sleep(0.005)
     elapsed = time.perf_counter() - started, time.process_time() - cpu
-    delivered = runtime.metrics.events_out.labels("bench", "mem")._value.get()
+    delivered = runtime.metrics.events_out.cell("bench", "mem")[0]
     await runtime.stop(timeout=10)
     await watcher.aclose()
     if delivered != count:
