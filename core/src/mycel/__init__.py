@@ -23,6 +23,7 @@ from ._auth import (
     build_context,
     check_origin,
 )
+from ._backoff import Backoff
 from ._cluster import Backplane, ClusteredHub, ClusterSettings, ToBlock
 from ._cluster import decode as backplane_decode
 from ._cluster import encode as backplane_encode
@@ -61,6 +62,7 @@ __all__ = [
     "AuthError",
     "AuthSettings",
     "Authenticator",
+    "Backoff",
     "Backplane",
     "CLOSE_TOKEN_EXPIRED",
     "ClusterSettings",

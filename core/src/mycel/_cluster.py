@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field
 
+from ._backoff import Backoff
 from ._hub import Hub, Message
 from ._settings import Settings
 
@@ -255,7 +256,7 @@ class ClusteredHub(Hub):
         return 0
 
     async def _write(self) -> None:
-        delay = 0.1
+        backoff = Backoff()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -267,13 +268,12 @@ class ClusteredHub(Hub):
                     logger.warning(
                         "hub %r: backplane publish failed, retrying in %.1fs: %s",
                         self.name,
-                        delay,
+                        backoff.delay,
                         exc,
                     )
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 30.0)
+                    await backoff.wait()
                     continue
-                delay = 0.1
+                backoff.reset()
                 if self._outbox and self._outbox[0] is data:
                     self._outbox.popleft()
 

@@ -779,4 +779,3 @@ def load_config_text(
     config = check_blocks(root.blocks, problems, registry)
     config.base_dir = base_dir or Path.cwd()
     return config
-

@@ -223,4 +223,3 @@ def _record_failure(info: PluginInfo, exc: BaseException) -> None:
     logger.error(
         "plugin %r (%s) failed to load", info.name, info.distribution, exc_info=exc
     )
-

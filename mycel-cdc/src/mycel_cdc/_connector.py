@@ -47,6 +47,7 @@ from typing import Any, ClassVar, Literal
 import psycopg
 
 from mycel import (
+    Backoff,
     Connector,
     ConnectorError,
     Event,
@@ -216,7 +217,7 @@ class CdcConnector(Connector):
         the first standby to ask takes over, from the confirmed position.
 
         """
-        delay = 1.0
+        backoff = Backoff(first=1.0)
         announced = False
         while True:
             try:
@@ -237,11 +238,10 @@ class CdcConnector(Connector):
                 logger.warning(
                     "connector %r: cannot stream yet, retrying in %.0fs: %s",
                     self.name,
-                    delay,
+                    backoff.delay,
                     exc,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                await backoff.wait()
         if announced:
             logger.warning(
                 "connector %r: took over slot %r from %s",

@@ -30,7 +30,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from mycel import Backplane, ConnectorError, redact_url
+from mycel import Backoff, Backplane, ConnectorError, redact_url
 
 __all__ = ["RedisBackplane"]
 
@@ -103,15 +103,15 @@ class RedisBackplane(Backplane):
         await asyncio.wait_for(self._subscribed.wait(), 10)
 
     async def _read(self) -> None:
-        delay = 0.1
+        backoff = Backoff()
         while True:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.subscribe(*self._callbacks)
                 self._subscribed.set()
-                if delay > 0.1:
+                if backoff.retrying:
                     logger.warning("Redis backplane: subscribed again")
-                delay = 0.1
+                backoff.reset()
                 async for message in pubsub.listen():
                     channel = message["channel"].decode()
                     callback = self._callbacks.get(channel)
@@ -120,11 +120,10 @@ class RedisBackplane(Backplane):
             except (RedisError, OSError) as exc:
                 logger.warning(
                     "Redis backplane: subscription lost, retrying in %.1fs: %s",
-                    delay,
+                    backoff.delay,
                     exc,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                await backoff.wait()
             finally:
                 await pubsub.aclose()  # type: ignore[no-untyped-call]
 
@@ -146,7 +145,7 @@ class RedisBackplane(Backplane):
     ) -> AsyncIterator[list[tuple[str, bytes]]]:
         key = self._key("history", stream)
         last = after_id
-        delay = 0.1
+        backoff = Backoff()
         while True:
             try:
                 found: Any = await self.client.xread({key: last}, count=500, block=5000)
@@ -154,13 +153,12 @@ class RedisBackplane(Backplane):
                 logger.warning(
                     "Redis backplane: reading %r failed, retrying in %.1fs: %s",
                     stream,
-                    delay,
+                    backoff.delay,
                     exc,
                 )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 30.0)
+                await backoff.wait()
                 continue
-            delay = 0.1
+            backoff.reset()
             for _key, entries in found or ():
                 batch = [(_text(i), fields[b"d"]) for i, fields in entries]
                 if batch:
