@@ -38,27 +38,31 @@ logger = logging.getLogger("mycel.flow")
 class InFlight:
     """Counts events being processed, so that shutdown can wait for them."""
 
+    __slots__ = ("_idle", "count")
+
     def __init__(self, metrics: Metrics | None = None) -> None:
         self.count = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+        self._idle: asyncio.Future[None] | None = None
+        """Set only while someone waits for the count to reach zero."""
         if metrics is not None:
             metrics.in_flight.set_function(lambda: self.count)
 
     def enter(self) -> None:
-        if self.count == 0:
-            self._idle.clear()
         self.count += 1
 
     def leave(self) -> None:
         self.count -= 1
-        if self.count == 0:
-            self._idle.set()
+        if self.count == 0 and self._idle is not None and not self._idle.done():
+            self._idle.set_result(None)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until nothing is in flight; False if the timeout ran out."""
+        if self.count == 0:
+            return True
+        if self._idle is None or self._idle.done():
+            self._idle = asyncio.get_running_loop().create_future()
         try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
+            await asyncio.wait_for(asyncio.shield(self._idle), timeout)
         except TimeoutError:
             return False
         return True
@@ -67,12 +71,31 @@ class InFlight:
 class _Target:
     """One ``to`` block bound to its connector."""
 
-    __slots__ = ("config", "connector", "label")
+    __slots__ = ("config", "connector", "delivered", "label")
 
-    def __init__(self, config: ToConfig, connector: Connector) -> None:
+    def __init__(
+        self, flow: str, config: ToConfig, connector: Connector, metrics: Metrics
+    ) -> None:
         self.config = config
         self.connector = connector
         self.label = connector.name
+        self.delivered = metrics.events_out.cell(flow, connector.name)
+        """The flow's events_out counter for this connector."""
+
+
+class _Direct:
+    """What a flow with nothing to evaluate sends: see FlowHandle.process."""
+
+    __slots__ = ("deliver", "filter", "operation", "options", "target")
+
+    def __init__(self, target: _Target) -> None:
+        to = target.config
+        assert to.operation.constant is not None
+        self.deliver = target.connector.deliver
+        self.operation = to.operation.constant
+        self.target = to.target.constant if to.target is not None else None
+        self.filter = to.filter if to.fan_out else None
+        self.options = to.options
 
 
 class FlowHandle:
@@ -91,25 +114,65 @@ class FlowHandle:
         self.concurrency = flow.concurrency
         self.retry = flow.retry
         self._transform = flow.transform
-        self._targets = [_Target(to, targets[to.connector]) for to in flow.to]
+        self._targets = [
+            _Target(flow.name, to, targets[to.connector], metrics) for to in flow.to
+        ]
         self._metrics = metrics
         self._events_in = metrics.events_in.cell(flow.name)
-        self._events_out = {
-            t.label: metrics.events_out.cell(flow.name, t.label) for t in self._targets
-        }
         self._in_flight = in_flight
+        self._direct = self._direct_target()
+
+    def _direct_target(self) -> _Direct | None:
+        """The one ``to`` block when the flow evaluates nothing per event.
+
+        The most common flow passes each event unchanged to one target with
+        fixed ``operation`` and ``target``: :meth:`process` then skips the
+        transform, filter and template machinery altogether.
+
+        """
+        if self._transform or len(self._targets) != 1:
+            return None
+        to = self._targets[0].config
+        if to.filter is not None and not to.fan_out:
+            return None
+        if to.operation.constant is None:
+            return None
+        if to.target is not None and to.target.constant is None:
+            return None
+        return _Direct(self._targets[0])
 
     async def process(self, event: Event) -> None:
         """Run the flow for ``event``; raise FlowError if it gave up."""
         self._events_in[0] += 1
-        self._in_flight.enter()
+        in_flight = self._in_flight
+        in_flight.enter()
         try:
-            await self._process(event)
+            direct = self._direct
+            if direct is None:
+                await self._process(event)
+                return
+            # The direct path: one delivery, built without evaluating anything.
+            delivery = Delivery(
+                self.flow,
+                direct.operation,
+                direct.target,
+                event.input,
+                event.input,
+                event.context,
+                direct.filter,
+                direct.options,
+            )
+            try:
+                await direct.deliver(delivery)
+            except Exception as exc:
+                await self._retry(self._targets[0], delivery, exc)
+            else:
+                self._targets[0].delivered[0] += 1
         except FlowError:
             self._metrics.events_failed.labels(self.flow).inc()
             raise
         finally:
-            self._in_flight.leave()
+            in_flight.leave()
 
     async def _process(self, event: Event) -> None:
         # Transform once per event; the same payload goes to every target.
@@ -194,26 +257,35 @@ class FlowHandle:
         )
 
     async def _deliver(self, target: _Target, delivery: Delivery) -> None:
+        try:
+            await target.connector.deliver(delivery)
+        except Exception as exc:
+            await self._retry(target, delivery, exc)
+        else:
+            target.delivered[0] += 1
+
+    async def _retry(
+        self, target: _Target, delivery: Delivery, error: Exception
+    ) -> None:
+        """After a failed first try: try again as the retry policy allows.
+
+        Returns once a try succeeds; raises FlowError when the error is
+        permanent or the tries are used up.
+
+        """
         retry = self.retry
         attempt = 1
         while True:
-            try:
-                await target.connector.deliver(delivery)
-            except DeliveryError as exc:
-                error: Exception = exc
-                permanent = exc.permanent
-            except Exception as exc:  # plugin boundary: a connector bug
-                error = exc
+            if isinstance(error, DeliveryError):
+                permanent = error.permanent
+            else:  # the plugin boundary: a connector bug
                 permanent = False
                 logger.error(
                     "flow %r: connector %r raised",
                     self.flow,
                     target.label,
-                    exc_info=exc,
+                    exc_info=error,
                 )
-            else:
-                self._events_out[target.label][0] += 1
-                return
             if permanent or attempt >= retry.attempts:
                 tries = "1 try" if attempt == 1 else f"{attempt} tries"
                 raise FlowError(
@@ -235,3 +307,10 @@ class FlowHandle:
             self._metrics.retries.labels(self.flow, target.label).inc()
             await asyncio.sleep(delay)
             attempt += 1
+            try:
+                await target.connector.deliver(delivery)
+            except Exception as exc:
+                error = exc
+            else:
+                target.delivered[0] += 1
+                return
