@@ -95,10 +95,17 @@ class Relation:
     insert_targets: Targets = ()
     """``routes["INSERT"]``, looked up once: inserts are the common case."""
 
+    read_tuple: TupleReader = field(init=False, repr=False)
+    """Reads this table's TupleData: see :func:`compile_tuple_reader`."""
+
     def __post_init__(self) -> None:
         self.columns = list(zip(self.names, self.converters, strict=True))
         self.insert_targets = self.routes.get("INSERT", ())
+        self.read_tuple = compile_tuple_reader(self.name, self.columns)
 
+
+TupleReader = Callable[[bytes, int], tuple[dict[str, Any], list[str] | None, int]]
+"""``(data, pos) -> (row, unchanged TOASTed columns or None, next pos)``."""
 
 Change = tuple[dict[str, Any], Targets]
 """One decoded change: the event payload and the targets it goes to (a
@@ -347,39 +354,82 @@ class Decoder:
         self, data: bytes, pos: int, rel: Relation
     ) -> tuple[dict[str, Any], list[str] | None, int]:
         (count,) = _H.unpack_from(data, pos)
-        pos += 2
-        columns = rel.columns
-        if count != len(columns):
+        if count != len(rel.columns):
             raise DecodeError(
-                f"{rel.name!r} has {len(columns)} columns, a tuple has {count}"
+                f"{rel.name!r} has {len(rel.columns)} columns, a tuple has {count}"
             )
-        row: dict[str, Any] = {}
-        unchanged: list[str] | None = None
-        unpack = _I.unpack_from
-        # The hot loop of the connector: keep it free of calls it can avoid.
-        for name, convert in columns:
-            kind = data[pos]
-            if kind == 116:  # "t": text value
-                end = pos + 5 + unpack(data, pos + 1)[0]
-                if convert is None:
-                    row[name] = data[pos + 5 : end].decode()
-                else:
-                    text = data[pos + 5 : end].decode()
-                    try:
-                        row[name] = convert(text)
-                    except ValueError:
-                        row[name] = text
-                pos = end
-            elif kind == 110:  # "n": null
-                row[name] = None
-                pos += 1
-            elif kind == 117:  # "u": unchanged TOASTed value, not sent
-                if unchanged is None:
-                    unchanged = []
-                unchanged.append(name)
-                pos += 1
-            else:
-                raise DecodeError(
-                    f"unexpected column kind {chr(kind)!r} in {rel.name!r}"
-                )
-        return row, unchanged, pos
+        return rel.read_tuple(data, pos + 2)
+
+
+_TAKES_BYTES = (int, float)
+"""Converters that parse the value's bytes as well as its text."""
+
+
+def compile_tuple_reader(
+    table: str, columns: Sequence[tuple[str, Converter | None]]
+) -> TupleReader:
+    """A function that reads one TupleData of this table, column by column.
+
+    This is the hot loop of the connector: a loop over the columns spends
+    about as long on its own bookkeeping (unpacking the column's name and
+    converter, testing for a converter) as on the values. The reader is
+    therefore generated per Relation message as straight-line code, one
+    block per column, with each column's name and converter bound in
+    advance. Column names reach the generated source only through
+    ``repr``; converters and the table's name only as bound names.
+
+    Each value: ``t`` text (converted; text kept when the converter
+    refuses it), ``n`` null, ``u`` an unchanged TOASTed value (named in
+    the second result, left out of the row).
+
+    """
+    namespace: dict[str, Any] = {
+        "unpack": _I.unpack_from,
+        "DecodeError": DecodeError,
+        "table": table,
+    }
+    lines = ["def read_tuple(data, pos):", "    row = {}", "    unchanged = None"]
+    for index, (name, convert) in enumerate(columns):
+        key = repr(name)
+        namespace[f"convert{index}"] = convert
+        lines += [
+            "    kind = data[pos]",
+            "    if kind == 116:",
+            "        end = pos + 5 + unpack(data, pos + 1)[0]",
+        ]
+        if convert is None:
+            lines.append(f"        row[{key}] = data[pos + 5 : end].decode()")
+        elif convert in _TAKES_BYTES:
+            lines += [
+                "        try:",
+                f"            row[{key}] = convert{index}(data[pos + 5 : end])",
+                "        except ValueError:",
+                f"            row[{key}] = data[pos + 5 : end].decode()",
+            ]
+        else:
+            lines += [
+                "        text = data[pos + 5 : end].decode()",
+                "        try:",
+                f"            row[{key}] = convert{index}(text)",
+                "        except ValueError:",
+                f"            row[{key}] = text",
+            ]
+        lines += [
+            "        pos = end",
+            "    elif kind == 110:",
+            f"        row[{key}] = None",
+            "        pos += 1",
+            "    elif kind == 117:",
+            "        if unchanged is None:",
+            "            unchanged = []",
+            f"        unchanged.append({key})",
+            "        pos += 1",
+            "    else:",
+            "        raise DecodeError(",
+            "            f'unexpected column kind {chr(kind)!r} in {table!r}'",
+            "        )",
+        ]
+    lines.append("    return row, unchanged, pos")
+    exec("\n".join(lines), namespace)
+    reader: TupleReader = namespace["read_tuple"]
+    return reader
