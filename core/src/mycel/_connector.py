@@ -8,7 +8,7 @@ lifecycle methods in this order::
 
     start()           connect, listen; no events are handed to flows yet
     start_sources()   begin handing events to the bound flows
-    ... deliver() is called for every ``to`` that names this connector ...
+    ... deliver() (or deliver_many()) for every ``to`` that names it ...
     stop_sources()    stop taking new events; in-flight ones still finish
     close()           after in-flight events drained: close everything
 
@@ -16,6 +16,7 @@ lifecycle methods in this order::
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -289,6 +290,44 @@ class Connector:
 
         """
         raise ConnectorError(f"connector {self.name!r} is not a target")
+
+    async def deliver_many(
+        self, deliveries: Sequence[Delivery]
+    ) -> list[BaseException | None]:
+        """Deliver several events at once; one outcome per delivery.
+
+        Called by the engine when a source hands a flow several ready events
+        at once (:meth:`FlowHandle.process_many`) and the flow evaluates
+        nothing per event. ``deliveries`` are in the order the source took
+        the events. Return a list as long as ``deliveries``: None where the
+        delivery succeeded (with the same meaning as :meth:`deliver`
+        returning: committed, for a durable target), else the exception
+        :meth:`deliver` would have raised for it, a
+        :class:`mycel.DeliveryError` as a rule. One delivery's failure must
+        not fail the others; the engine retries only those that failed, one
+        by one through :meth:`deliver`.
+
+        Raise only when the call itself cannot go on (cancellation): every
+        delivery of the call then counts as failed.
+
+        The default calls :meth:`deliver` for each delivery concurrently, so
+        every target supports it; they start in order but may finish in any
+        order. Override it when the target can do better with many events
+        in one go (one transaction, one request): the ``database`` target
+        writes each batch of rows with one commit.
+
+        """
+        if len(deliveries) == 1:
+            try:
+                await self.deliver(deliveries[0])
+            except Exception as exc:  # the outcome of that one delivery
+                return [exc]
+            return [None]
+        results = await asyncio.gather(
+            *(self.deliver(delivery) for delivery in deliveries),
+            return_exceptions=True,
+        )
+        return [r if isinstance(r, BaseException) else None for r in results]
 
     def describe(self) -> Mapping[str, Any]:
         """Settings as shown to users, secrets masked (for logs and lists)."""

@@ -6,6 +6,11 @@ and raises :class:`~mycel.errors.FlowError` when the flow gave up. An
 at-least-once source acknowledges only what returned, and applies its
 dead-letter policy to what raised.
 
+A source that has several events ready at once may hand them together to
+:meth:`FlowHandle.process_many` instead, which returns one outcome per
+event; a flow that evaluates nothing per event then sends them to its
+target in one :meth:`~mycel.Connector.deliver_many` call.
+
 Each ``to`` block is tried up to ``retry.attempts`` times with capped
 exponential backoff; a retry only repeats the ``to`` blocks that failed, so
 a target that already succeeded is not sent the event twice. A transform or
@@ -19,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._connector import Connector, Delivery, Event
@@ -47,11 +52,11 @@ class InFlight:
         if metrics is not None:
             metrics.in_flight.set_function(lambda: self.count)
 
-    def enter(self) -> None:
-        self.count += 1
+    def enter(self, events: int = 1) -> None:
+        self.count += events
 
-    def leave(self) -> None:
-        self.count -= 1
+    def leave(self, events: int = 1) -> None:
+        self.count -= events
         if self.count == 0 and self._idle is not None and not self._idle.done():
             self._idle.set_result(None)
 
@@ -86,12 +91,13 @@ class _Target:
 class _Direct:
     """What a flow with nothing to evaluate sends: see FlowHandle.process."""
 
-    __slots__ = ("deliver", "filter", "operation", "options", "target")
+    __slots__ = ("deliver", "deliver_many", "filter", "operation", "options", "target")
 
     def __init__(self, target: _Target) -> None:
         to = target.config
         assert to.operation.constant is not None
         self.deliver = target.connector.deliver
+        self.deliver_many = target.connector.deliver_many
         self.operation = to.operation.constant
         self.target = to.target.constant if to.target is not None else None
         self.filter = to.filter if to.fan_out else None
@@ -173,6 +179,88 @@ class FlowHandle:
             raise
         finally:
             in_flight.leave()
+
+    async def process_many(self, events: Sequence[Event]) -> list[FlowError | None]:
+        """Run the flow for several events; one outcome per event, in order.
+
+        For a source that has several events ready at once. Each outcome is
+        None where :meth:`process` would have returned, or the FlowError it
+        would have raised; one event's failure does not touch the others.
+        Metrics and retries are those of :meth:`process`.
+
+        A flow that evaluates nothing per event (one ``to`` block with fixed
+        ``operation`` and ``target``, no transform) sends all the events to
+        its target in one :meth:`~mycel.Connector.deliver_many` call, then
+        retries each failed delivery on its own. Any other flow runs
+        :meth:`process` for each event concurrently. Either way the events
+        are started in order but may finish in any order: a source that
+        needs one event done before the next starts calls :meth:`process`
+        for each.
+
+        """
+        direct = self._direct
+        if direct is None or len(events) == 1:
+            results = await asyncio.gather(
+                *(self.process(event) for event in events), return_exceptions=True
+            )
+            return [_outcome(result) for result in results]
+
+        count = len(events)
+        self._events_in[0] += count
+        in_flight = self._in_flight
+        in_flight.enter(count)
+        try:
+            # The direct path: one delivery per event, handed over at once.
+            deliveries = [
+                Delivery(
+                    self.flow,
+                    direct.operation,
+                    direct.target,
+                    event.input,
+                    event.input,
+                    event.context,
+                    direct.filter,
+                    direct.options,
+                )
+                for event in events
+            ]
+            errors = await direct.deliver_many(deliveries)
+            target = self._targets[0]
+            if len(errors) != count:
+                raise TypeError(
+                    f"connector {target.label!r}: deliver_many returned "
+                    f"{len(errors)} outcomes for {count} deliveries"
+                )
+
+            # What failed goes through the retry policy, each on its own.
+            failed = [i for i, error in enumerate(errors) if error is not None]
+            target.delivered[0] += count - len(failed)
+            outcomes: list[FlowError | None] = [None] * count
+            if not failed:
+                return outcomes
+            retried = await asyncio.gather(
+                *(self._retry_outcome(target, deliveries[i], errors[i]) for i in failed)
+            )
+            for i, outcome in zip(failed, retried, strict=True):
+                outcomes[i] = outcome
+            self._metrics.events_failed.labels(self.flow).inc(
+                sum(outcome is not None for outcome in retried)
+            )
+            return outcomes
+        finally:
+            in_flight.leave(count)
+
+    async def _retry_outcome(
+        self, target: _Target, delivery: Delivery, error: BaseException | None
+    ) -> FlowError | None:
+        """:meth:`_retry`, returning its FlowError instead of raising it."""
+        if not isinstance(error, Exception):
+            raise error if error is not None else AssertionError("no error")
+        try:
+            await self._retry(target, delivery, error)
+        except FlowError as exc:
+            return exc
+        return None
 
     async def _process(self, event: Event) -> None:
         # Transform once per event; the same payload goes to every target.
@@ -314,3 +402,10 @@ class FlowHandle:
             else:
                 target.delivered[0] += 1
                 return
+
+
+def _outcome(result: BaseException | None) -> FlowError | None:
+    """What process() did, as process_many() reports it."""
+    if result is None or isinstance(result, FlowError):
+        return result
+    raise result  # not an outcome (cancellation): let it propagate

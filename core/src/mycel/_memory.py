@@ -5,6 +5,14 @@ exchanges (``orders.*`` matches one word, ``audit.#`` any number of words);
 as a target, ``target`` is the topic. It is the embedded default for demos
 and tests: nothing to install, nothing to run.
 
+Each reading flow has ``concurrency`` workers. A worker that takes an
+event also takes whatever else is already queued for its flow, up to 512
+events, and runs them together (:meth:`~mycel.FlowHandle.process_many`),
+so that a target which writes many events at once, such as a database,
+gets them at once. Events are taken in publish order but, as with any
+concurrency, may complete in any order; a failed event is retried on its
+own while the rest of its batch goes on.
+
 Known limitations: events live only in memory, so events still queued when
 the process stops are lost, and an event whose flow fails after its last
 try is logged, counted and kept in :attr:`MemoryConnector.dead_letters`
@@ -30,6 +38,9 @@ from .errors import FlowError
 __all__ = ["MemoryConnector", "MemorySettings", "TopicPattern"]
 
 logger = logging.getLogger("mycel.memory")
+
+_BATCH = 512
+"""Most events a worker takes from its queue at once."""
 
 
 class TopicPattern:
@@ -118,16 +129,33 @@ class MemoryConnector(Connector):
                 self._workers.append(asyncio.create_task(self._work(reader)))
 
     async def _work(self, reader: _Reader) -> None:
+        queue = reader.queue
+        handle = reader.binding.handle
         while True:
-            event = await reader.queue.get()
+            # Wait for one event, then take what else is ready with it.
+            events = [await queue.get()]
+            while len(events) < _BATCH and not queue.empty():
+                events.append(queue.get_nowait())
+
             try:
-                await reader.binding.handle.process(event)
-            except FlowError as exc:
-                topic = event.context.get("topic", "")
-                logger.error("dropped event on %r: %s", topic, exc)
-                self.dead_letters.append((topic, event.input, str(exc)))
+                if len(events) == 1:
+                    try:
+                        await handle.process(events[0])
+                    except FlowError as exc:
+                        self._dead_letter(events[0], exc)
+                else:
+                    outcomes = await handle.process_many(events)
+                    for event, outcome in zip(events, outcomes, strict=True):
+                        if outcome is not None:
+                            self._dead_letter(event, outcome)
             finally:
-                reader.queue.task_done()
+                for _ in events:
+                    queue.task_done()
+
+    def _dead_letter(self, event: Event, error: FlowError) -> None:
+        topic = event.context.get("topic", "")
+        logger.error("dropped event on %r: %s", topic, error)
+        self.dead_letters.append((topic, event.input, str(error)))
 
     async def stop_sources(self) -> None:
         self._accepting = False
