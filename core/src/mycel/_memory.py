@@ -42,6 +42,11 @@ logger = logging.getLogger("mycel.memory")
 _BATCH = 512
 """Most events a worker takes from its queue at once."""
 
+_MAX_ROUTES = 10_000
+"""Topics whose matching queues are remembered."""
+
+_Route = tuple[list["asyncio.Queue[Event]"], list["asyncio.Queue[Any]"]]
+
 
 class TopicPattern:
     """An AMQP-style topic pattern: ``*`` is one word, ``#`` any number.
@@ -106,6 +111,7 @@ class MemoryConnector(Connector):
         self._settings: MemorySettings = self.settings
         self._readers: list[_Reader] = []
         self._listeners: list[tuple[TopicPattern, asyncio.Queue[Any]]] = []
+        self._routes: dict[str, _Route] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._accepting = False
         self.dead_letters: deque[tuple[str, Any, str]] = deque(
@@ -121,6 +127,7 @@ class MemoryConnector(Connector):
                 asyncio.Queue(self._settings.buffer),
             )
         )
+        self._routes.clear()
 
     async def start_sources(self) -> None:
         self._accepting = True
@@ -170,15 +177,29 @@ class MemoryConnector(Connector):
         Waits while a reading flow's buffer is full.
 
         """
-        reached = 0
-        for reader in self._readers:
-            if reader.pattern.matches(topic):
-                await reader.queue.put(Event(payload, {"topic": topic}))
-                reached += 1
-        for pattern, queue in self._listeners:
-            if pattern.matches(topic):
-                queue.put_nowait((topic, payload))
-        return reached
+        readers, listeners = self._route(topic)
+        for queue in readers:
+            event = Event(payload, {"topic": topic})
+            if queue.full():
+                await queue.put(event)
+            else:
+                queue.put_nowait(event)
+        for listener in listeners:
+            listener.put_nowait((topic, payload))
+        return len(readers)
+
+    def _route(self, topic: str) -> _Route:
+        # Which queues a topic reaches, matched once per topic.
+        route = self._routes.get(topic)
+        if route is None:
+            route = (
+                [r.queue for r in self._readers if r.pattern.matches(topic)],
+                [q for pattern, q in self._listeners if pattern.matches(topic)],
+            )
+            if len(self._routes) >= _MAX_ROUTES:
+                self._routes.clear()
+            self._routes[topic] = route
+        return route
 
     def listen(self, pattern: str) -> asyncio.Queue[tuple[str, Any]]:
         """A queue of ``(topic, payload)`` for every publish that matches.
@@ -188,6 +209,7 @@ class MemoryConnector(Connector):
         """
         queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
         self._listeners.append((TopicPattern(pattern), queue))
+        self._routes.clear()
         return queue
 
     async def deliver(self, delivery: Delivery) -> None:

@@ -26,9 +26,9 @@ order holds); there is no ``UPDATE`` or ``DELETE`` target.
 from __future__ import annotations
 
 import asyncio
+import operator
 import weakref
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter
@@ -42,7 +42,7 @@ from mycel import (
     Settings,
 )
 
-from ._backend import Backend, Batcher, TableInfo
+from ._backend import Backend, Batcher, Converter, TableInfo
 from ._postgres import PostgresBackend
 from ._settings import DatabaseSettings, DatabaseToOptions
 from ._sqlite import SqliteBackend
@@ -51,15 +51,70 @@ from ._statement import Statement, TableName, TargetSpec, parse_target
 __all__ = ["DatabaseConnector"]
 
 _MAX_PLANS = 10_000
+_MAX_KINDS = 64
 
 
-@dataclass(frozen=True)
 class _Plan:
     """How payloads with one set of keys become rows of one statement."""
 
-    statement: Statement
-    fields: tuple[tuple[str, Callable[[Any], Any] | None], ...]
-    info: TableInfo
+    __slots__ = ("_clean", "_converters", "_get", "fields", "info", "statement")
+
+    def __init__(
+        self,
+        statement: Statement,
+        fields: tuple[tuple[str, Converter | None], ...],
+        info: TableInfo,
+    ) -> None:
+        self.statement = statement
+        self.fields = fields
+        self.info = info
+        names = [name for name, _ in fields]
+        self._get: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+        if len(names) == 1:
+            name = names[0]
+            self._get = lambda payload: (payload[name],)
+        elif names:
+            self._get = operator.itemgetter(*names)
+        else:
+            self._get = lambda payload: ()
+        self._converters = tuple(convert for _, convert in fields)
+        self._clean: dict[tuple[type, ...], bool] = {}
+        """Per tuple of value types: whether the values go as they are."""
+
+    def row(self, payload: Mapping[str, Any]) -> tuple[Any, ...]:
+        """The row for ``payload``; ValueError if a value cannot be bound.
+
+        Values whose type the column takes as it is (an int for an integer
+        column, a str for a text one) are not converted; the verdict is kept
+        per combination of value types, so the common row costs one lookup.
+
+        """
+        values = self._get(payload)
+        kinds = tuple(map(type, values))
+        clean = self._clean.get(kinds)
+        if clean is None:
+            clean = all(
+                convert is None or kind in convert.exact
+                for kind, convert in zip(kinds, self._converters, strict=True)
+            )
+            if len(self._clean) < _MAX_KINDS:
+                self._clean[kinds] = clean
+        if clean:
+            return values
+        return tuple(
+            value
+            if convert is None or type(value) in convert.exact
+            else convert.convert(value)
+            for value, convert in zip(values, self._converters, strict=True)
+        )
+
+
+def _conversion_failed(
+    plan: _Plan, payload: Mapping[str, Any], error: ValueError
+) -> DeliveryError:
+    failure = DeliveryError(_conversion_error(plan, payload), permanent=True)
+    failure.__cause__ = error
+    return failure
 
 
 def _conversion_error(plan: _Plan, payload: Mapping[str, Any]) -> str:
@@ -68,7 +123,7 @@ def _conversion_error(plan: _Plan, payload: Mapping[str, Any]) -> str:
         if convert is None:
             continue
         try:
-            convert(payload[name])
+            convert.convert(payload[name])
         except ValueError as exc:
             return f"table {str(plan.statement.table)!r} column {name!r}: {exc}"
     return f"table {str(plan.statement.table)!r}: a value cannot be converted"
@@ -194,6 +249,85 @@ class DatabaseConnector(Connector):
         await self._backend.close()
 
     async def deliver(self, delivery: Delivery) -> None:
+        plan, row = await self._row(delivery)
+
+        # Write it with whatever else is going into the same statement.
+        try:
+            await self._batcher.write(plan.statement, row)
+        except DeliveryError:
+            self._forget(plan.statement.table)
+            raise
+
+    async def deliver_many(
+        self, deliveries: Sequence[Delivery]
+    ) -> list[BaseException | None]:
+        """Write the rows of several deliveries, a group per statement.
+
+        Each group goes to the batcher as one unit, awaited with one future.
+        A delivery whose row cannot be made (not an object, a key naming no
+        column, a value the column refuses) fails on its own before
+        anything is written; a row the database refuses fails on its own
+        too, as the batcher writes the rows of a failed batch one by one.
+
+        """
+        outcomes: list[BaseException | None] = [None] * len(deliveries)
+
+        # Make each row, grouped by plan (rows of one plan share a statement);
+        # the plan is cached per shape of payload.
+        groups: dict[_Plan, tuple[list[int], list[tuple[Any, ...]]]] = {}
+        plans = self._plans
+        for index, delivery in enumerate(deliveries):
+            payload = delivery.payload
+            plan = (
+                plans.get(
+                    (
+                        delivery.target,
+                        delivery.operation,
+                        id(delivery.options),
+                        tuple(payload),
+                    )
+                )
+                if type(payload) is dict
+                else None
+            )
+            try:
+                if plan is None:
+                    plan, row = await self._row(delivery)
+                else:
+                    row = plan.row(payload)
+            except ValueError as exc:
+                assert plan is not None
+                outcomes[index] = _conversion_failed(plan, payload, exc)
+                continue
+            except DeliveryError as exc:
+                outcomes[index] = exc
+                continue
+            group = groups.get(plan)
+            if group is None:
+                group = groups[plan] = ([], [])
+            group[0].append(index)
+            group[1].append(row)
+
+        # Write the groups, each as one unit of the batcher.
+        if len(groups) == 1:
+            [(plan, (_, rows))] = groups.items()
+            written = [await self._batcher.write_many(plan.statement, rows)]
+        else:
+            written = await asyncio.gather(
+                *(
+                    self._batcher.write_many(plan.statement, rows)
+                    for plan, (_, rows) in groups.items()
+                )
+            )
+        for (plan, (indexes, _)), errors in zip(groups.items(), written, strict=True):
+            if any(error is not None for error in errors):
+                self._forget(plan.statement.table)
+            for index, error in zip(indexes, errors, strict=True):
+                outcomes[index] = error
+        return outcomes
+
+    async def _row(self, delivery: Delivery) -> tuple[_Plan, tuple[Any, ...]]:
+        """The delivery's plan and its row, converted for the driver."""
         payload = delivery.payload
         if not isinstance(payload, Mapping):
             table = self._target(delivery.target).table
@@ -217,25 +351,16 @@ class DatabaseConnector(Connector):
                 self._plans.clear()
             self._plans[plan_key] = plan
 
-        # The row, converted for the driver.
         try:
-            row = tuple(
-                payload[name] if convert is None else convert(payload[name])
-                for name, convert in plan.fields
-            )
+            return plan, plan.row(payload)
         except ValueError as exc:
-            raise DeliveryError(
-                _conversion_error(plan, payload), permanent=True
-            ) from exc
+            raise _conversion_failed(plan, payload, exc) from exc
 
-        # Write it with whatever else is going into the same statement.
-        try:
-            await self._batcher.write(plan.statement, row)
-        except DeliveryError:
-            # The table may have changed under us: read its columns again.
-            self._tables.pop(plan.statement.table, None)
-            self._plans.clear()
-            raise
+    def _forget(self, table: TableName) -> None:
+        # A write failed: the table may have changed under us, so read its
+        # columns again before the next row goes there.
+        self._tables.pop(table, None)
+        self._plans.clear()
 
     async def _plan(self, delivery: Delivery, payload: Mapping[str, Any]) -> _Plan:
         # Which table, and insert or upsert.

@@ -17,15 +17,16 @@ import datetime as dt
 import decimal
 import functools
 import json
+import json.encoder
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import asyncpg
 
 from mycel import DeliveryError
 
-from ._backend import Column, TableInfo
+from ._backend import Column, Converter, TableInfo
 from ._settings import DatabaseSettings
 from ._statement import Statement, TableName
 
@@ -56,6 +57,24 @@ _AS_IS = {"json", "jsonb", "array"}
 _INTEGERS = {"int2", "int4", "int8"}
 _FLOATS = {"float4", "float8"}
 _TEXT = {"text", "varchar", "bpchar", "name", "citext"}
+
+# Value types that _convert returns unchanged, so the call can be skipped.
+_EXACT_TEXT: frozenset[type] = frozenset({str, type(None)})
+_EXACT_OTHER: frozenset[type] = frozenset(
+    {
+        int,
+        float,
+        bool,
+        type(None),
+        bytes,
+        dt.datetime,
+        dt.date,
+        dt.time,
+        decimal.Decimal,
+        uuid.UUID,
+    }
+)
+_EXACT_NUMERIC = _EXACT_OTHER - {float}
 
 
 class PostgresBackend:
@@ -117,10 +136,16 @@ class PostgresBackend:
         }
         return TableInfo(table, columns, tuple(r["attname"] for r in key))
 
-    def converter(self, column: Column) -> Callable[[Any], Any] | None:
+    def converter(self, column: Column) -> Converter | None:
         if column.type in _AS_IS:
             return None
-        return functools.partial(_convert, column.type)
+        if column.type in _TEXT:
+            exact = _EXACT_TEXT
+        elif column.type == "numeric":
+            exact = _EXACT_NUMERIC
+        else:
+            exact = _EXACT_OTHER
+        return Converter(functools.partial(_convert, column.type), exact)
 
     async def write(
         self, statement: Statement, rows: Sequence[tuple[Any, ...]]
@@ -169,7 +194,41 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
 
 
 def _dump_json(value: Any) -> str:
-    return json.dumps(value, default=str, separators=(",", ":"))
+    """``json.dumps(value, default=str, separators=(",", ":"))``, faster.
+
+    json.dumps with arguments builds a JSONEncoder per call; the encoder
+    here is built once. It skips the check for circular references, which
+    a payload that came as JSON cannot have; one that does fails with
+    ValueError all the same.
+
+    """
+    try:
+        return "".join(_encode(value, 0))
+    except RecursionError as exc:
+        raise ValueError("a circular reference cannot be written as JSON") from exc
+
+
+def _json_encoder() -> Callable[[Any, int], Iterable[str]]:
+    # The standard library's C encoder when it has one (CPython does).
+    make = getattr(json.encoder, "c_make_encoder", None)  # not in typeshed
+    if make is not None:
+        encode: Callable[[Any, int], Iterable[str]] = make(
+            None,  # no circular check: see _dump_json
+            str,
+            json.encoder.encode_basestring_ascii,
+            None,
+            ":",
+            ",",
+            False,
+            False,
+            True,
+        )
+        return encode
+    encoder = json.JSONEncoder(default=str, separators=(",", ":"))
+    return lambda value, _: (encoder.encode(value),)
+
+
+_encode = _json_encoder()
 
 
 def _message(exc: asyncpg.PostgresError) -> str:

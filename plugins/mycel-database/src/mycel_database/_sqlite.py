@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from mycel import ConnectorError, DeliveryError
 
-from ._backend import Column, TableInfo
+from ._backend import Column, Converter, TableInfo
 from ._statement import Statement, TableName, quote
 
 __all__ = ["SqliteBackend"]
@@ -105,8 +105,8 @@ class SqliteBackend:
         key = tuple(r[1] for r in sorted(rows, key=lambda r: r[5]) if r[5] > 0)
         return TableInfo(table, columns, key)
 
-    def converter(self, column: Column) -> Callable[[Any], Any] | None:
-        return _convert
+    def converter(self, column: Column) -> Converter | None:
+        return _CONVERTER
 
     async def write(
         self, statement: Statement, rows: Sequence[tuple[Any, ...]]
@@ -152,3 +152,7 @@ def _convert(value: Any) -> Any:
     if isinstance(value, decimal.Decimal | uuid.UUID):
         return str(value)
     return value
+
+
+# Every column takes SQLite's own types as they are.
+_CONVERTER = Converter(_convert, frozenset({str, int, float, bool, bytes, type(None)}))
