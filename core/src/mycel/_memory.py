@@ -11,7 +11,9 @@ events, and runs them together (:meth:`~mycel.FlowHandle.process_many`),
 so that a target which writes many events at once, such as a database,
 gets them at once. Events are taken in publish order but, as with any
 concurrency, may complete in any order; a failed event is retried on its
-own while the rest of its batch goes on.
+own while the rest of its batch goes on. A flow with ``concurrency = 1``
+is the exception: its one worker runs one event at a time, so events are
+delivered in publish order, a retried one before those behind it.
 
 Known limitations: events live only in memory, so events still queued when
 the process stops are lost, and an event whose flow fails after its last
@@ -138,10 +140,11 @@ class MemoryConnector(Connector):
     async def _work(self, reader: _Reader) -> None:
         queue = reader.queue
         handle = reader.binding.handle
+        batch = _BATCH if handle.concurrency > 1 else 1
         while True:
             # Wait for one event, then take what else is ready with it.
             events = [await queue.get()]
-            while len(events) < _BATCH and not queue.empty():
+            while len(events) < batch and not queue.empty():
                 events.append(queue.get_nowait())
 
             try:
