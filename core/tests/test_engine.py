@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pytest
@@ -288,3 +289,183 @@ async def test_shutdown_waits_for_in_flight_events() -> None:
     assert await asyncio.wait_for(stopping, 5) is True
     await task
     assert len(runtime.connectors["slow"].deliveries) == 1  # type: ignore[attr-defined]
+
+
+class Picky(Connector):
+    """A target that refuses payloads marked ``fail`` and records batches.
+
+    ``fail = "always"`` is refused permanently, ``fail = "once"`` only on
+    its first try; ``broken`` raises an error that is no DeliveryError.
+
+    """
+
+    type_name = "picky"
+    target_operations = (Operation("record", "record the delivery"),)
+    default_operation = "record"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delivered: list[int] = []
+        self.tries: dict[int, int] = {}
+        self.batches: list[list[int]] = []
+
+    async def deliver(self, delivery: Delivery) -> None:
+        n = delivery.payload["n"]
+        self.tries[n] = self.tries.get(n, 0) + 1
+        fail = delivery.payload.get("fail")
+        if fail == "broken":
+            raise RuntimeError(f"bug on {n}")
+        if fail == "always" or (fail == "once" and self.tries[n] == 1):
+            raise DeliveryError(f"refused {n}", permanent=fail == "always")
+        self.delivered.append(n)
+
+    async def deliver_many(
+        self, deliveries: Sequence[Delivery]
+    ) -> list[BaseException | None]:
+        self.batches.append([d.payload["n"] for d in deliveries])
+        return await super().deliver_many(deliveries)
+
+
+class PickyPlugin:
+    @hookimpl
+    def mycel_connector_types(self) -> list[type[Connector]]:
+        return [Picky]
+
+
+def picky_config(flow_body: str = "", concurrency: int = 4) -> str:
+    return f"""
+    connector "bus" {{ type = "memory" }}
+    connector "pk" {{ type = "picky" }}
+    flow "f" {{
+      concurrency = {concurrency}
+      from {{ connector = "bus" operation = "t" }}
+      {flow_body}
+      to {{ connector = "pk" }}
+      retry {{
+        attempts = 3
+        delay = "1ms"
+      }}
+    }}
+    """
+
+
+PICKY_PLUGINS = [_builtin, PickyPlugin()]
+
+MIXED = [{"n": 1}, {"n": 2, "fail": "always"}, {"n": 3, "fail": "once"}, {"n": 4}]
+
+
+def picky_of(app: Any) -> Picky:
+    connector = app.connector("pk")
+    assert isinstance(connector, Picky)
+    return connector
+
+
+def sample(app: Any, name: str, **labels: str) -> float | None:
+    value: float | None = app.runtime.metrics.registry.get_sample_value(name, labels)
+    return value
+
+
+async def test_deliver_many_by_default_delivers_each_and_reports_each() -> None:
+    async with running(picky_config(), plugins=PICKY_PLUGINS) as app:
+        picky = picky_of(app)
+        deliveries = [
+            Delivery("f", "record", None, payload, payload, {})
+            for payload in [{"n": 1}, {"n": 2, "fail": "always"}, {"n": 3}]
+            + [{"n": 4, "fail": "broken"}]
+        ]
+        outcomes = await Connector.deliver_many(picky, deliveries)
+    assert [type(outcome).__name__ for outcome in outcomes] == [
+        "NoneType",
+        "DeliveryError",
+        "NoneType",
+        "RuntimeError",
+    ]
+    assert [str(outcome) for outcome in outcomes[1::2]] == ["refused 2", "bug on 4"]
+    assert isinstance(outcomes[1], DeliveryError) and outcomes[1].permanent
+    assert picky.delivered == [1, 3]
+
+
+async def test_process_many_hands_the_target_one_batch_and_counts_each_event() -> None:
+    async with running(picky_config(), plugins=PICKY_PLUGINS) as app:
+        flow = app.runtime.flows["f"]
+        outcomes = await flow.process_many([Event(p, {"topic": "t"}) for p in MIXED])
+        picky = picky_of(app)
+        assert picky.batches == [[1, 2, 3, 4]]
+        assert picky.tries == {1: 1, 2: 1, 3: 2, 4: 1}
+        assert sorted(picky.delivered) == [1, 3, 4]
+        assert [str(outcome) if outcome else None for outcome in outcomes] == [
+            None,
+            "flow 'f': to 'pk' failed after 1 try: refused 2",
+            None,
+            None,
+        ]
+        assert outcomes[1] is not None and outcomes[1].permanent is True
+        assert sample(app, "mycel_events_in_total", flow="f") == 4
+        assert sample(app, "mycel_events_out_total", flow="f", connector="pk") == 3
+        assert sample(app, "mycel_events_failed_total", flow="f") == 1
+        assert sample(app, "mycel_retries_total", flow="f", connector="pk") == 1
+        assert app.runtime.in_flight.count == 0
+
+
+async def test_process_many_retries_only_the_failed_deliveries() -> None:
+    events = [Event({"n": n, "fail": "once"} if n == 2 else {"n": n}) for n in range(5)]
+    async with running(picky_config(), plugins=PICKY_PLUGINS) as app:
+        outcomes = await app.runtime.flows["f"].process_many(events)
+        picky = picky_of(app)
+        assert outcomes == [None] * 5
+        assert picky.tries == {0: 1, 1: 1, 2: 2, 3: 1, 4: 1}
+        assert picky.batches == [[0, 1, 2, 3, 4]]
+        assert sorted(picky.delivered) == [0, 1, 2, 3, 4]
+        assert sample(app, "mycel_retries_total", flow="f", connector="pk") == 1
+        assert sample(app, "mycel_events_out_total", flow="f", connector="pk") == 5
+
+
+async def test_process_many_gives_up_after_the_last_try_like_process() -> None:
+    events = [Event({"n": 1}), Event({"n": 2, "fail": "broken"})]
+    async with running(picky_config(), plugins=PICKY_PLUGINS) as app:
+        outcomes = await app.runtime.flows["f"].process_many(events)
+        assert outcomes[0] is None
+        assert str(outcomes[1]) == ("flow 'f': to 'pk' failed after 3 tries: bug on 2")
+        assert outcomes[1] is not None and outcomes[1].permanent is False
+        assert picky_of(app).tries == {1: 1, 2: 3}
+        assert sample(app, "mycel_events_failed_total", flow="f") == 1
+
+
+async def test_process_many_with_a_transform_runs_each_event_on_its_own() -> None:
+    text = picky_config('transform { n = "input.n"  fail = "input.fail" }')
+    events = [Event({"n": 1, "fail": ""}), Event({"n": 2, "fail": "always"})]
+    async with running(text, plugins=PICKY_PLUGINS) as app:
+        outcomes = await app.runtime.flows["f"].process_many(events)
+        picky = picky_of(app)
+        assert picky.batches == []
+        assert picky.delivered == [1]
+        assert [str(outcome) if outcome else None for outcome in outcomes] == [
+            None,
+            "flow 'f': to 'pk' failed after 1 try: refused 2",
+        ]
+        assert sample(app, "mycel_events_in_total", flow="f") == 2
+        assert sample(app, "mycel_events_failed_total", flow="f") == 1
+
+
+async def test_memory_source_hands_queued_events_over_together() -> None:
+    async with running(picky_config(), plugins=PICKY_PLUGINS) as app:
+        bus = app.memory("bus")
+        for payload in MIXED:
+            await bus.publish("t", payload)
+        await bus.drain()
+        assert picky_of(app).batches == [[1, 2, 3, 4]]
+        assert list(bus.dead_letters) == [
+            ("t", MIXED[1], "flow 'f': to 'pk' failed after 1 try: refused 2")
+        ]
+
+
+async def test_memory_source_with_concurrency_one_keeps_publish_order() -> None:
+    text = picky_config(concurrency=1)
+    async with running(text, plugins=PICKY_PLUGINS) as app:
+        bus = app.memory("bus")
+        for payload in MIXED:
+            await bus.publish("t", payload)
+        await bus.drain()
+        picky = picky_of(app)
+        assert picky.batches == []
+        assert picky.delivered == [1, 3, 4]
