@@ -210,3 +210,29 @@ async def test_a_to_without_filter_reaches_every_node() -> None:
     finally:
         await a.stop(timeout=5)
         await b.stop(timeout=5)
+
+
+async def test_a_burst_crosses_in_order_in_few_round_trips(
+    two_nodes: tuple[Runtime, Runtime],
+) -> None:
+    a, b = two_nodes
+    sub = subscribe(b, "5")
+    backplane = a.connectors["fan"].services.backplane
+    assert isinstance(backplane, RedisBackplane)
+    sends: list[int] = []
+    publish_many = backplane.publish_many
+
+    async def counting(channel: str, items: Any) -> None:
+        sends.append(len(items))
+        await publish_many(channel, items)
+
+    backplane.publish_many = counting  # type: ignore[method-assign]
+    bus = a.connectors["bus"]
+    for n in range(500):
+        await bus.publish("n", {"room": "r", "user_id": 5, "n": n})  # type: ignore[attr-defined]
+    assert [(await receive(sub))["n"] for _ in range(500)] == list(range(500))
+    # What queued up during one round trip went out in the next.
+    assert sum(sends) == 500
+    assert len(sends) < 250
+    await asyncio.sleep(0.2)
+    assert sub.depth == 0

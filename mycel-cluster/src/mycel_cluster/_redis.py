@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -92,6 +92,15 @@ class RedisBackplane(Backplane):
 
     async def publish(self, channel: str, data: bytes) -> None:
         await self.client.publish(self._key("hub", channel), data)
+
+    async def publish_many(self, channel: str, items: Sequence[bytes]) -> None:
+        # One pipeline: one round trip, and Redis hands the messages to each
+        # subscribed process in as few writes.
+        key = self._key("hub", channel)
+        async with self.client.pipeline(transaction=False) as pipe:
+            for data in items:
+                pipe.publish(key, data)
+            await pipe.execute()
 
     async def subscribe(self, channel: str, callback: Callable[[bytes], None]) -> None:
         self._callbacks[self._key("hub", channel)] = callback
