@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 import pytest
 
+from mycel import Delivery, DeliveryError, Event
 from mycel.testing import App, eventually, free_port, running
 from testsupport.base import service_unavailable
 
@@ -669,3 +670,186 @@ async def test_extra_keys_decides_about_keys_that_name_no_column(
         ]
     found = await pg.fetch("SELECT channel_id, text FROM messages ORDER BY id")
     assert [tuple(r) for r in found] == rows
+
+
+def deliveries(target: str, payloads: list[Any]) -> list[Delivery]:
+    return [Delivery("f", "insert", target, p, p, {}) for p in payloads]
+
+
+def outcome_texts(outcomes: list[BaseException | None]) -> list[str | None]:
+    return [None if outcome is None else str(outcome) for outcome in outcomes]
+
+
+ITEMS_TABLE = "CREATE TABLE items (id int PRIMARY KEY, label text NOT NULL, qty int)"
+
+
+async def test_deliver_many_fails_only_the_deliveries_at_fault(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(ITEMS_TABLE)
+    await pg.execute("INSERT INTO items VALUES (13, 'taken', NULL)")
+    payloads: list[Any] = [
+        {"id": 1, "label": "a"},
+        "not an object",
+        {"id": 2, "label": "b", "colour": "red"},
+        {"id": 3, "label": "c", "qty": "many"},
+        {"id": 13, "label": "again"},
+        {"id": 4, "label": None},
+        {"id": 5, "label": "e", "qty": 7},
+        {"label": "f", "id": 6},
+    ]
+    async with running(config(pg_database, "")) as app:
+        connector = app.connector("db")
+        outcomes = await connector.deliver_many(deliveries("items", payloads))
+        committed = app.runtime.metrics.registry.get_sample_value(
+            "mycel_database_rows_total", {"connector": "db"}
+        )
+    assert outcome_texts(outcomes) == [
+        None,
+        "table 'items': the payload must be an object, not str",
+        "table 'items' has no column 'colour'",
+        "table 'items' column 'qty': 'many' is not a valid int4",
+        "table 'items': duplicate key value violates unique constraint "
+        '"items_pkey" (Key (id)=(13) already exists.)',
+        'table \'items\': null value in column "label" of relation "items" '
+        "violates not-null constraint (Failing row contains (4, null, null).)",
+        None,
+        None,
+    ]
+    assert all(
+        isinstance(outcome, DeliveryError) and outcome.permanent
+        for outcome in outcomes
+        if outcome is not None
+    )
+    assert committed == 3
+    rows = await pg.fetch("SELECT id, label, qty FROM items ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        (1, "a", None),
+        (5, "e", 7),
+        (6, "f", None),
+        (13, "taken", None),
+    ]
+
+
+async def test_a_batch_of_events_is_one_transaction_and_one_bad_row_fails_alone(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(ITEMS_TABLE)
+    await pg.execute("INSERT INTO items VALUES (13, 'taken', NULL)")
+    flows = """
+    flow "items" {
+      from { connector = "ws"  operation = "items" }
+      to   { connector = "db"  target = "items" }
+    }
+    """
+    events = [Event({"id": i, "label": f"item {i}"}) for i in range(1, 41)]
+    async with running(config(pg_database, flows, extra="pool_size = 1")) as app:
+        outcomes = await app.runtime.flows["items"].process_many(events)
+        registry = app.runtime.metrics.registry
+        batches = registry.get_sample_value(
+            "mycel_database_batches_total", {"connector": "db"}
+        )
+        failed = registry.get_sample_value(
+            "mycel_events_failed_total", {"flow": "items"}
+        )
+    # The batch failed, so its 40 rows went in one by one: 39 commits.
+    assert batches == 39
+    assert failed == 1
+    assert (
+        outcome_texts(outcomes)
+        == [None] * 12
+        + [
+            "flow 'items': to 'db' failed after 1 try: table 'items': "
+            'duplicate key value violates unique constraint "items_pkey" '
+            "(Key (id)=(13) already exists.)"
+        ]
+        + [None] * 27
+    )
+    rows = await pg.fetch("SELECT id, label FROM items ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        (i, "taken" if i == 13 else f"item {i}") for i in range(1, 41)
+    ]
+
+
+async def test_a_batch_of_good_events_commits_together(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    await pg.execute(ITEMS_TABLE)
+    flows = """
+    flow "items" {
+      from { connector = "ws"  operation = "items" }
+      to   { connector = "db"  target = "items" }
+    }
+    """
+    events = [Event({"id": i, "label": f"item {i}"}) for i in range(1, 301)]
+    async with running(config(pg_database, flows, extra="batch_size = 100")) as app:
+        outcomes = await app.runtime.flows["items"].process_many(events)
+        batches = app.runtime.metrics.registry.get_sample_value(
+            "mycel_database_batches_total", {"connector": "db"}
+        )
+    assert outcomes == [None] * 300
+    assert batches == 3
+    assert await pg.fetchval("SELECT count(*) FROM items") == 300
+
+
+async def test_process_many_retries_each_delivery_of_a_batch_that_failed_transiently(
+    pg_database: str, pg: asyncpg.Connection, caplog: pytest.LogCaptureFixture
+) -> None:
+    await pg.execute(MESSAGES_TABLE)
+    flows = HANDLE_WS_MESSAGE.replace(
+        'flow "handle_ws_message" {',
+        'flow "handle_ws_message" {\n retry {\n attempts = 5\n delay = "300ms"\n }',
+    )
+    text = config(pg_database + "?lock_timeout=100", flows)
+    events = [Event({"channel_id": i}) for i in range(3)]
+    async with running(text) as app:
+        lock = pg.transaction()
+        await lock.start()
+        await pg.execute("LOCK TABLE messages IN ACCESS EXCLUSIVE MODE")
+        with caplog.at_level(logging.WARNING, "mycel.flow"):
+            task = asyncio.create_task(
+                app.runtime.flows["handle_ws_message"].process_many(events)
+            )
+            await eventually(
+                lambda: sum(r.name == "mycel.flow" for r in caplog.records) == 3
+            )
+            await lock.rollback()
+            outcomes = await asyncio.wait_for(task, 10)
+        retries = app.runtime.metrics.registry.get_sample_value(
+            "mycel_retries_total", {"flow": "handle_ws_message", "connector": "db"}
+        )
+    assert outcomes == [None, None, None]
+    assert retries == 3
+    rows = await pg.fetchval(
+        "SELECT array_agg(channel_id ORDER BY channel_id) FROM messages"
+    )
+    assert rows == [0, 1, 2]
+
+
+async def test_values_are_converted_by_their_own_type_whatever_came_before(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    # Rows of one shape share a plan; the plan must not take one row's
+    # verdict (no conversion needed) for another's.
+    await pg.execute("CREATE TABLE typed (seq serial, n int8, t text, d numeric)")
+    payloads: list[Any] = [
+        {"n": 1, "t": "one", "d": 1},
+        {"n": "2", "t": 2, "d": 2.25},
+        {"n": 3, "t": True, "d": "3.5"},
+        {"n": 4, "t": {"k": [1]}, "d": decimal.Decimal("4")},
+        {"n": None, "t": None, "d": None},
+    ]
+    async with running(config(pg_database, "")) as app:
+        connector = app.connector("db")
+        for batch in (payloads[:1], payloads):
+            outcomes = await connector.deliver_many(deliveries("typed", batch))
+            assert outcomes == [None] * len(batch)
+    rows = await pg.fetch("SELECT n, t, d FROM typed ORDER BY seq")
+    assert [tuple(r) for r in rows] == [
+        (1, "one", decimal.Decimal("1")),
+        (1, "one", decimal.Decimal("1")),
+        (2, "2", decimal.Decimal("2.25")),
+        (3, "true", decimal.Decimal("3.5")),
+        (4, '{"k":[1]}', decimal.Decimal("4")),
+        (None, None, None),
+    ]

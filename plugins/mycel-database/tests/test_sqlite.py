@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from mycel import ConfigError, ConnectorError
+from mycel import ConfigError, ConnectorError, Delivery, Event
 from mycel.testing import load_test_config, running, write_config
 
 INIT = (
@@ -144,3 +145,38 @@ def test_a_target_outside_the_grammar_is_refused_at_load() -> None:
         "INSERT TABLE or UPSERT TABLE (TABLE: letters, digits and _, optionally "
         "schema.table)."
     ]
+
+
+async def test_a_batch_of_events_fails_only_its_bad_rows(tmp_path: Path) -> None:
+    folder = write_config(sqlite_config("app.db"), tmp_path)
+    payloads: list[Any] = [{"id": i, "text": f"t{i}"} for i in range(1, 7)]
+    payloads[2] = {"id": 1, "text": "again"}
+    payloads[4] = {"id": 5, "txt": "typo"}
+    async with running(folder) as app:
+        flow = app.runtime.flows["handle_ws_message"]
+        outcomes = await flow.process_many([Event(p) for p in payloads])
+        registry = app.runtime.metrics.registry
+        committed = registry.get_sample_value(
+            "mycel_database_rows_total", {"connector": "db"}
+        )
+        stored = await app.connector("db").deliver_many(
+            [Delivery("f", "insert", "messages", p, p, {}) for p in ("x", {"id": 9})]
+        )
+    assert [None if o is None else str(o) for o in outcomes] == [
+        None,
+        None,
+        "flow 'handle_ws_message': to 'db' failed after 1 try: table 'messages': "
+        "UNIQUE constraint failed: messages.id",
+        None,
+        "flow 'handle_ws_message': to 'db' failed after 1 try: "
+        "table 'messages' has no column 'txt'",
+        None,
+    ]
+    assert committed == 4
+    assert [None if o is None else str(o) for o in stored] == [
+        "table 'messages': the payload must be an object, not str",
+        None,
+    ]
+    with sqlite3.connect(folder / "app.db") as conn:
+        rows = conn.execute("SELECT id, text FROM messages ORDER BY id").fetchall()
+    assert rows == [(1, "t1"), (2, "t2"), (4, "t4"), (6, "t6"), (9, None)]
