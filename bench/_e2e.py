@@ -513,12 +513,25 @@ def stop_relay(relay: Any, pipe: Connection) -> None:
 
 
 def start_mycel(folder: Path, config: str, admin: int) -> Any:
-    """``mycel run`` on ``config``; returns the process once /ready says so."""
+    """``mycel run`` on ``config``; returns the process once /ready says so.
+
+    ``BENCH_MYCEL_ARGS`` adds options to ``run`` (``--loop asyncio``, say).
+
+    """
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "main.mycel").write_text(config)
     log = (folder / "mycel.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mycel", "--log-level", "WARNING", "run", str(folder)],
+        [
+            sys.executable,
+            "-m",
+            "mycel",
+            "--log-level",
+            "WARNING",
+            "run",
+            *os.environ.get("BENCH_MYCEL_ARGS", "").split(),
+            str(folder),
+        ],
         stderr=log,
         stdout=subprocess.DEVNULL,
     )

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 
 from mycel.testing import free_port
 
@@ -142,3 +143,22 @@ def test_run_with_a_port_in_use_fails_clearly(tmp_path: Path) -> None:
     assert result.stderr.splitlines()[-1] == (
         f"Error: Cannot listen on 127.0.0.1:{port}: Address already in use."
     )
+
+
+def test_run_picks_uvloop_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import uvloop
+
+    from mycel.cli import _loop_factory
+    from mycel.errors import MycelError
+
+    assert _loop_factory("auto") is uvloop.new_event_loop
+    assert _loop_factory("uvloop") is uvloop.new_event_loop
+    assert _loop_factory("asyncio") is None
+
+    # Without uvloop installed: auto falls back, uvloop is a clear error.
+    monkeypatch.setitem(sys.modules, "uvloop", None)
+    assert _loop_factory("auto") is None
+    with pytest.raises(MycelError, match="uvloop is not installed"):
+        _loop_factory("uvloop")

@@ -56,6 +56,8 @@ def run_workers(args: Namespace, config: Config) -> int:
         "--log-level",
         args.log_level,
         "run",
+        "--loop",
+        args.loop,
         args.directory,
     ]
     stopping = False
