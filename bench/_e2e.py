@@ -33,12 +33,14 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
+
+import uvloop
 
 RABBIT = "amqp://guest:guest@127.0.0.1:5672/"
 USERS = 100
@@ -487,6 +489,12 @@ def frame_for(kind: str, room: str, text: str) -> str:
     if kind == "ws":
         return f'{{"type":"message","room":"{room}","data":{text}}}'
     return text
+
+
+def run_relay(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a relay's ``main`` on uvloop, the loop ``mycel run`` uses too."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
 
 
 def start_relay(target: Callable[..., None], *args: Any) -> tuple[Any, Connection]:

@@ -73,6 +73,7 @@ from _e2e import (
     measure,
     raise_fd_limit,
     report,
+    run_relay,
     serve_clients,
     start_mycel,
     start_relay,
@@ -111,7 +112,7 @@ def rabbit_relay_process(
         await connection.close()
 
     raise_fd_limit()
-    asyncio.run(main())
+    run_relay(main)
 
 
 # --- mycel run ---------------------------------------------------------------

@@ -267,7 +267,7 @@ def cdc_relay_process(
                 await connection.close()
 
     e2e.raise_fd_limit()
-    asyncio.run(main())
+    e2e.run_relay(main)
 
 
 # --- measuring ---------------------------------------------------------------
