@@ -6,9 +6,11 @@ receive ``text/event-stream``; the query parameters become
 reaches every client, ``stream:NAME`` the clients of that stream. Event ids,
 replay and the gap signal are described in :mod:`mycel_sse._history`.
 
-Each client has a bounded send queue in the hub. A client that falls
-``send_queue`` events behind, or accepts nothing for ``send_timeout``, is
-disconnected (logged at WARNING); the others never wait for it.
+Each client has a bounded send queue. A client that falls ``send_queue``
+events behind, or accepts nothing for ``send_timeout``, is disconnected
+(logged at WARNING); the others never wait for it. How events reach the
+socket (written from the hub, one write per client and loop iteration,
+no task per event) is described in :mod:`mycel_sse._stream`.
 
 In a cluster (a ``cluster { backplane = ... }`` block), every event is
 appended to one shared log in the backplane, ``sse:<connector>``, and each
@@ -37,16 +39,12 @@ rarely used stream may get a ``gap`` sooner than without one.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
-import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from contextvars import ContextVar
 from typing import Any, ClassVar
 
-import anyio
-from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.applications import Starlette
 from starlette.convertors import Convertor, register_url_convertor
 from starlette.middleware import Middleware
@@ -54,11 +52,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import Message as AsgiMessage
-from starlette.types import Receive, Scope, Send
 
 from mycel import (
-    SSE_EXPIRED_EVENT,
     AsgiServer,
     Authenticator,
     AuthError,
@@ -71,8 +66,6 @@ from mycel import (
     Message,
     Operation,
     Settings,
-    Subscriber,
-    SubscriberClosed,
     backplane_decode,
     backplane_encode,
     build_context,
@@ -83,173 +76,20 @@ from ._history import (
     Entry,
     EventIds,
     History,
-    encode_comment,
     encode_event,
     encode_gap,
     replay,
 )
 from ._settings import STREAM_NAME, SseSettings, SseToOptions
+from ._stream import EXPIRED, CaptureSend, EventStream, QuietCut, SseClient, Streams
 
 __all__ = ["SseConnector"]
 
 logger = logging.getLogger("mycel.sse")
 
-_BATCH = 256
-"""Most queued events written to a client in one send."""
-
 _STREAM_RULE = "use 1 to 128 letters, digits, '_', '-' or '.'"
 
-_UVICORN_INCOMPLETE = "ASGI callable returned without completing response."
-
-_EXPIRED = "token expired"
-"""The reason a subscriber is closed with when its token runs out."""
-
-_EXPIRED_EVENT = (
-    f"event: {SSE_EXPIRED_EVENT}\ndata: " + json.dumps({"message": _EXPIRED}) + "\n\n"
-).encode()
-
-_cut_on_purpose: ContextVar[bool] = ContextVar("mycel_sse_cut", default=False)
-
-
-class _QuietCut(logging.Filter):
-    """Drops uvicorn's error line for a stream this connector cut on purpose.
-
-    A client that stopped reading cannot be sent the end of its response,
-    so the stream is abandoned and uvicorn closes the socket, logging an
-    error meant for application bugs. The connector has already logged the
-    drop at WARNING; this filter removes only that one line, and only in
-    the task of a stream that was cut (``_cut_on_purpose``). It can go if
-    ASGI gains a way for an application to abort a response.
-
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (_cut_on_purpose.get() and record.msg == _UVICORN_INCOMPLETE)
-
-
-_QUIET_CUT = _QuietCut()
-
-
-class _Client:
-    """One connected client: its subscriber and what its writer is doing."""
-
-    __slots__ = (
-        "cancel",
-        "connector",
-        "count_drop",
-        "cut",
-        "expiry",
-        "sending",
-        "since",
-        "stream",
-        "sub",
-    )
-
-    def __init__(
-        self, connector: str, stream: str | None, count_drop: Callable[[], None]
-    ) -> None:
-        self.connector = connector
-        self.stream = stream
-        self.count_drop = count_drop
-        self.sub: Subscriber | None = None
-        self.sending = 0
-        self.since = 0.0
-        self.cut = False
-        self.cancel: anyio.CancelScope | None = None
-        self.expiry: ExpiryTimer | None = None
-
-    def drop(self, reason: str) -> None:
-        """Log and count why the client goes; cut it if stuck sending."""
-        self.count_drop()
-        logger.warning(
-            "connector %r: dropped client %d of %s: %s",
-            self.connector,
-            self.sub.id if self.sub is not None else 0,
-            self.stream or "broadcasts",
-            reason,
-        )
-        # Blocked in a send, the writer would never see a close: cut it.
-        # Otherwise it sends the reason as a final comment and ends.
-        if self.sending and self.cancel is not None:
-            self.cut = True
-            self.cancel.cancel()
-
-    def on_close(self, sub: Subscriber, reason: str) -> None:
-        if reason.startswith("slow consumer"):
-            self.drop(reason)
-
-
-class _EventStream(EventSourceResponse):
-    """The response of one client: its replay head, then live events."""
-
-    def __init__(
-        self,
-        client: _Client,
-        sub: Subscriber,
-        head: list[bytes],
-        settings: SseSettings,
-        clients: set[_Client],
-    ) -> None:
-        super().__init__(
-            self._events(sub, head),
-            ping=settings.heartbeat_interval,
-            ping_message_factory=lambda: ServerSentEvent(comment="heartbeat", sep="\n"),
-            sep="\n",
-        )
-        self._client = client
-        self._sub = sub
-        self._clients = clients
-
-    @staticmethod
-    async def _events(sub: Subscriber, head: list[bytes]) -> AsyncIterator[bytes]:
-        for chunk in head:
-            yield chunk
-        while True:
-            try:
-                message = await sub.get()
-            except SubscriberClosed as exc:
-                if exc.reason == _EXPIRED:
-                    yield _EXPIRED_EVENT
-                else:
-                    yield encode_comment(f"closed: {exc.reason}")
-                return
-
-            # Write what has piled up in one go: fewer, larger sends.
-            parts: list[bytes] = [message.cache["sse"]]
-            while len(parts) < _BATCH:
-                more = sub.get_nowait()
-                if more is None:
-                    break
-                parts.append(more.cache["sse"])
-            yield parts[0] if len(parts) == 1 else b"".join(parts)
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        client = self._client
-
-        # Count sends in progress, for the stall watchdog and slow drops.
-        async def counted_send(message: AsgiMessage) -> None:
-            if not client.sending:
-                client.since = time.monotonic()
-            client.sending += 1
-            try:
-                await send(message)
-            finally:
-                client.sending -= 1
-                client.since = time.monotonic()
-
-        self._clients.add(client)
-        try:
-            with anyio.CancelScope() as cancel:
-                client.cancel = cancel
-                await super().__call__(scope, receive, counted_send)
-        finally:
-            if client.expiry is not None:
-                client.expiry.cancel()
-            self._clients.discard(client)
-            self._sub.close("client disconnected")
-        if client.cut:
-            _cut_on_purpose.set(True)
-        logger.debug("connector %r: client %d left", client.connector, self._sub.id)
+_QUIET_CUT = QuietCut()
 
 
 class SseConnector(Connector):
@@ -279,9 +119,12 @@ class SseConnector(Connector):
         self._any_stream = False
         self._server: AsgiServer | None = None
         self._auth: Authenticator | None = None
-        self._clients: set[_Client] = set()
-        self._watchdog: asyncio.Task[None] | None = None
-        self._count_drop = self.services.metrics.slow_dropped.labels(self.name).inc
+        self._live = Streams(
+            self.name,
+            self._settings.send_timeout,
+            self.services.metrics.slow_dropped.labels(self.name).inc,
+        )
+        self._timers: list[asyncio.Task[None]] = []
         self._backplane = self.services.backplane
         self._follower: asyncio.Task[None] | None = None
         self._floor: int | None = None
@@ -339,7 +182,7 @@ class SseConnector(Connector):
             )
         logging.getLogger("uvicorn.error").addFilter(_QUIET_CUT)
         self._server = AsgiServer(
-            Starlette(routes=routes, middleware=middleware),
+            CaptureSend(Starlette(routes=routes, middleware=middleware)),
             settings.host,
             settings.port,
             reuse_port=self.services.reuse_port,
@@ -347,7 +190,11 @@ class SseConnector(Connector):
         if self._backplane is not None:
             self._follower = asyncio.create_task(self._follow())
         await self._server.start()
-        self._watchdog = asyncio.create_task(self._watch_stalls())
+        # One watchdog and one heartbeat timer for all clients.
+        self._timers = [
+            asyncio.create_task(self._live.watch_stalls()),
+            asyncio.create_task(self._live.beat(settings.heartbeat_interval)),
+        ]
         logger.info(
             "connector %r listening on http://%s:%d%s",
             self.name,
@@ -356,24 +203,10 @@ class SseConnector(Connector):
             path,
         )
 
-    async def _watch_stalls(self) -> None:
-        """Drop clients whose current send has waited over ``send_timeout``.
-
-        One task for all clients, rather than a timer around every send.
-
-        """
-        timeout = self._settings.send_timeout
-        while True:
-            await asyncio.sleep(min(1.0, timeout / 4))
-            cutoff = time.monotonic() - timeout
-            for client in list(self._clients):
-                if client.sending and client.since < cutoff and not client.cut:
-                    client.drop(f"no data accepted for {timeout:g}s")
-
     async def close(self) -> None:
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            self._watchdog = None
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
         if self._follower is not None:
             self._follower.cancel()
             await asyncio.gather(self._follower, return_exceptions=True)
@@ -581,17 +414,16 @@ class SseConnector(Connector):
             and not self._auth.may_join(context, stream)
         ):
             return _error(403, f"not allowed to join {stream!r}")
-        client = _Client(self.name, stream, self._count_drop)
         sub = self.services.hub.subscribe(
             context,
             () if stream is None else (stream,),
             queue_size=self._settings.send_queue,
-            on_close=client.on_close,
+            factory=functools.partial(SseClient, streams=self._live, stream=stream),
         )
-        client.sub = sub
+        assert isinstance(sub, SseClient)
         if identity is not None and identity.expires_at is not None:
-            client.expiry = ExpiryTimer(lambda: sub.close(_EXPIRED))
-            client.expiry.schedule(identity)
+            sub.expiry = ExpiryTimer(lambda: sub.close(EXPIRED))
+            sub.expiry.schedule(identity)
         head = self._head(stream, context, request.headers.get("last-event-id", ""))
         logger.debug(
             "connector %r: client %d on %s, %d events replayed",
@@ -600,7 +432,7 @@ class SseConnector(Connector):
             stream or "broadcasts",
             len(head),
         )
-        return _EventStream(client, sub, head, self._settings, self._clients)
+        return EventStream(sub, head)
 
     def _refuse_stream(self, stream: str) -> Response | None:
         if not STREAM_NAME.fullmatch(stream):
