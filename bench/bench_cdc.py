@@ -14,6 +14,9 @@ Latency: pgbench commits one-row transactions at a steady 1,000 per second
 for ten seconds while Mycel streams them into a target that notes, for each
 change, the time from its commit timestamp to the flow's delivery.
 
+Mycel runs in this process the way ``mycel run`` runs it: on uvloop, with
+what start-up allocated frozen out of the garbage collector's sight.
+
 Run as a script: ``python bench/bench_cdc.py [--changes N] [--rounds R]``.
 
 """
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import statistics
 import subprocess
@@ -32,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -87,6 +92,7 @@ async def run_mycel(dsn: str, slot: str, end: int) -> float:
     runtime = Runtime(config)
     started = time.perf_counter()
     await runtime.start()
+    gc.freeze()  # as mycel run does after start-up (mycel.cli.serve)
     cdc = runtime.connectors["cdc"]
     assert isinstance(cdc, CdcConnector)
     while cdc.confirmed < end:
@@ -293,4 +299,5 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import logging
 import signal
@@ -177,6 +178,12 @@ async def serve(config: Config, runtime: Runtime | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await runtime.start()
+
+    # What start-up built (plugins, parsers, the configuration) lives as
+    # long as the process: out of the collector's sight, a full collection
+    # under load walks only what events allocate (15-20% of a CDC stream's
+    # time was full collections walking start-up objects).
+    gc.freeze()
     try:
         await stop.wait()
         logger.info("shutting down: draining in-flight events")
