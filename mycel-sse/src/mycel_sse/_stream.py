@@ -342,7 +342,12 @@ class SseClient(Subscriber):
         self.close(DISCONNECTED)
 
     def drop(self, reason: str) -> None:
-        """Log and count why the client goes; cut it if stuck writing."""
+        """Log and count why the client goes, and close it.
+
+        A client stuck in a write is then cut by :meth:`finish`; the others
+        get ``: closed: REASON`` as the end of their stream.
+
+        """
         streams = self._streams
         streams.count_drop()
         logger.warning(
@@ -352,9 +357,6 @@ class SseClient(Subscriber):
             self.stream or "broadcasts",
             reason,
         )
-        if self._writer is not None:
-            # Stuck in a write: the stream cannot be ended in-band.
-            self.cut = True
         self.close(reason)
 
     def close(self, reason: str = "closed") -> None:
@@ -379,6 +381,7 @@ class SseClient(Subscriber):
         self._streams.stalled.discard(self)
         writer = self._writer
         if writer is not None:
+            # Stuck in a write: the stream cannot be ended in-band.
             self.cut = True
             writer.cancel()
         if self.cut:
