@@ -853,3 +853,43 @@ async def test_values_are_converted_by_their_own_type_whatever_came_before(
         (4, '{"k":[1]}', decimal.Decimal("4")),
         (None, None, None),
     ]
+
+
+async def test_a_cancelled_writer_leaves_the_rows_queued_behind_it_to_others(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    # The first delivery writes in its own task (pool_size 1: the only
+    # writer); the second queues behind it. Cancelling the first must not
+    # strand the second.
+    await pg.execute(ITEMS_TABLE)
+    async with running(config(pg_database, "", extra="pool_size = 1")) as app:
+        db = app.connector("db")
+        assert await db.deliver_many(
+            deliveries("items", [{"id": 0, "label": "z"}])
+        ) == [None]
+        lock = pg.transaction()
+        await lock.start()
+        await pg.execute("LOCK TABLE items IN ACCESS EXCLUSIVE MODE")
+        first = asyncio.create_task(
+            db.deliver_many(deliveries("items", [{"id": 1, "label": "a"}]))
+        )
+
+        async def first_waits_for_the_lock() -> bool:
+            waiting = await pg.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()"
+            )
+            return bool(waiting == 1)
+
+        await eventually(first_waits_for_the_lock)
+        second = asyncio.create_task(
+            db.deliver_many(deliveries("items", [{"id": 2, "label": "b"}]))
+        )
+        await asyncio.sleep(0)  # the second queues its row, behind the first
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        await lock.rollback()
+        assert await asyncio.wait_for(second, 10) == [None]
+    rows = await pg.fetch("SELECT id FROM items ORDER BY id")
+    assert [r["id"] for r in rows] == [0, 2]

@@ -124,6 +124,16 @@ class Batcher:
     the same transaction and the caller awaits one future for all of them,
     so a unit of 500 rows costs the event loop one wakeup, not 500.
 
+    A caller that finds the backend with room for another batch writes it
+    in its own task, until its own rows are written, and then leaves what
+    queued up meanwhile to a drain task: the round trip starts at once
+    rather than after every task already waiting to run (when many sources
+    hand over batches at the same moment, that is the difference between
+    the database working while the next batches are made and idling until
+    all are). If that caller is cancelled mid-write, the rows of the batch
+    it was writing fail with a transient error (whether they committed is
+    unknown, so their flows retry them) and the rows behind go on.
+
     """
 
     def __init__(self, backend: Backend, batch_size: int) -> None:
@@ -162,14 +172,18 @@ class Batcher:
         ]
         queue.units.extend(units)
 
-        # Start writers while the backend has room for more batches.
-        for _ in units:
+        # Start writers while the backend has room for more batches: this
+        # task first, so that the round trip begins now rather than after
+        # every task that is already waiting to run; then further tasks.
+        lead = queue.running < self._backend.max_batches
+        if lead:
+            queue.running += 1
+        for _ in units[1:]:
             if queue.running >= self._backend.max_batches:
                 break
-            queue.running += 1
-            task = asyncio.create_task(self._drain(statement, queue))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._start_drain(statement, queue)
+        if lead:
+            await self._lead(statement, queue, units[-1].future)
 
         if len(units) == 1:
             return await units[0].future
@@ -178,18 +192,56 @@ class Batcher:
             outcomes.extend(await unit.future)
         return outcomes
 
+    def _start_drain(self, statement: Statement, queue: _Queue) -> None:
+        queue.running += 1
+        task = asyncio.create_task(self._drain(statement, queue))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _lead(
+        self, statement: Statement, queue: _Queue, last: asyncio.Future[Any]
+    ) -> None:
+        # Write batches in the caller's task until its own rows are written,
+        # then leave what is still queued to a drain task.
+        units = queue.units
+        try:
+            while units and not last.done():
+                batch = self._take(units)
+                try:
+                    await self._write_batch(statement, batch)
+                except asyncio.CancelledError:
+                    # Whether it committed is unknown: a transient failure,
+                    # which the flows of those rows retry.
+                    _settle(
+                        batch,
+                        DeliveryError(
+                            f"table {str(statement.table)!r}: the write was cancelled"
+                        ),
+                    )
+                    raise
+        finally:
+            queue.running -= 1
+            if units:
+                self._start_drain(statement, queue)
+            elif queue.running == 0:
+                self._queues.pop(statement, None)
+
+    def _take(self, units: deque[_Unit]) -> list[_Unit]:
+        # The next batch: whole units, up to batch_size rows.
+        batch = [units.popleft()]
+        rows = len(batch[0].rows)
+        while units and rows + len(units[0].rows) <= self._batch_size:
+            rows += len(units[0].rows)
+            batch.append(units.popleft())
+        return batch
+
     async def _drain(self, statement: Statement, queue: _Queue) -> None:
         # Keep writing while rows are waiting: what queued up during one
         # round trip goes out together in the next.
         units = queue.units
         try:
             while units:
-                batch = [units.popleft()]
-                rows = len(batch[0].rows)
-                while units and rows + len(units[0].rows) <= self._batch_size:
-                    rows += len(units[0].rows)
-                    batch.append(units.popleft())
-                await self._write_batch(statement, batch)
+                await self._write_batch(statement, self._take(units))
         finally:
             queue.running -= 1
             if not units and queue.running == 0:
