@@ -15,6 +15,12 @@ columns are read from the database on first use and cached; the cache is
 dropped for a table whenever a write into it fails, so that a column added
 while Mycel runs is found again.
 
+Deliveries that come together (:meth:`DatabaseConnector.deliver_many`,
+when a source hands a flow several events at once) are written together:
+each row is made first, and the rows of one statement go to the batcher as
+one unit, in one transaction, awaited with one future; each event still
+succeeds only once its row committed.
+
 Known limitations: rows of one table written with different column sets go
 out in different batches; batches of one table may commit in a different
 order than their deliveries began when ``pool_size`` allows several in
