@@ -23,9 +23,12 @@ for older clients: ``connection_init``/``start``/``stop``/
 Each subscription is one :class:`mycel.Subscriber` of the connector's hub,
 whose context (see :func:`connection_context`) holds the
 ``connection_init`` payload, so that a ``to`` block's filter is evaluated
-per subscription by the hub. A writer task per subscription sends what the
-hub queued; the ``payload`` part of the message is encoded once per event
-and document and spliced after a per-subscription prefix holding the id.
+per subscription by the hub. The ``payload`` part of the message is encoded
+once per event and document and spliced after a per-subscription prefix
+holding the id. Served by :class:`~mycel_graphql._frames.FrameProtocol`,
+the hub writes each frame straight into the connection (see
+:mod:`mycel_graphql._frames`); under any other ASGI server, a writer task
+per subscription sends what the hub queued.
 
 """
 
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, MutableMapping, Sequence
@@ -40,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import mycel
 
+from ._frames import FRAMES_EXTENSION, FrameProtocol, FrameSubscriber, WriteBatch
 from ._schema import Plan, dumps
 
 if TYPE_CHECKING:
@@ -153,8 +158,12 @@ class Connection:
         self.acknowledged = False
         self.closed = False
         self.operations: dict[
-            str, tuple[mycel.Subscriber | None, asyncio.Task[None]]
+            str, tuple[mycel.Subscriber | None, asyncio.Task[None] | None]
         ] = {}
+        extension = scope.get("extensions", {}).get(FRAMES_EXTENSION, {})
+        self.writer: FrameProtocol | None = extension.get("writer")
+        """Where frames go without ASGI; None: through a task and ``send``."""
+        self.batch: WriteBatch = server.batch
         self._timers: list[asyncio.Task[None]] = []
         self.task: asyncio.Task[None] | None = None
         """The task running :meth:`run`, cancelled to abort a stuck peer."""
@@ -216,11 +225,13 @@ class Connection:
         self.expiry.cancel()
         for timer in self._timers:
             timer.cancel()
-        for sub, task in self.operations.values():
+        operations = list(self.operations.values())
+        self.operations.clear()
+        for sub, task in operations:
             if sub is not None:
                 sub.close("connection closed")
-            task.cancel()
-        self.operations.clear()
+            if task is not None:
+                task.cancel()
 
     async def _init_timeout(self) -> None:
         await asyncio.sleep(self.settings.subscriptions.connection_init_timeout)
@@ -430,14 +441,37 @@ class Connection:
             "operation": f"Subscription.{plan.field}",
             "args": plan.args,
         }
+        prefix = '{"id":' + dumps(op_id) + ',"type":"' + self._kind + '","payload":'
+        if self.writer is not None:
+            # The hub writes the frames itself; see mycel_graphql._frames.
+            sub = self.server.hub.subscribe(
+                context,
+                (plan.field,),
+                queue_size=self.settings.queue_size,
+                on_close=self._subscriber_closed,
+                factory=functools.partial(
+                    FrameSubscriber,
+                    writer=self.writer,
+                    batch=self.batch,
+                    op_id=op_id,
+                    plan=plan,
+                    prefix=prefix,
+                ),
+            )
+            self.operations[op_id] = (sub, None)
+            return
         sub = self.server.hub.subscribe(
             context,
             (plan.field,),
             queue_size=self.settings.queue_size,
             on_close=self._subscriber_closed,
         )
-        task = asyncio.create_task(self._pump(op_id, plan, sub))
+        task = asyncio.create_task(self._pump(op_id, prefix, plan, sub))
         self.operations[op_id] = (sub, task)
+
+    @property
+    def _kind(self) -> str:
+        return "data" if self.legacy else "next"
 
     def _next(self, op_id: str, payload: Any) -> dict[str, Any]:
         kind = "data" if self.legacy else "next"
@@ -457,12 +491,13 @@ class Connection:
         sub, task = found
         if sub is not None:
             sub.close("complete")
-        task.cancel()
+        if task is not None:
+            task.cancel()
 
-    async def _pump(self, op_id: str, plan: Plan, sub: mycel.Subscriber) -> None:
+    async def _pump(
+        self, op_id: str, prefix: str, plan: Plan, sub: mycel.Subscriber
+    ) -> None:
         """Send what the hub queued for one subscription, in order."""
-        kind = "data" if self.legacy else "next"
-        prefix = '{"id":' + dumps(op_id) + ',"type":"' + kind + '","payload":'
         send = self._send
         try:
             while True:
@@ -484,6 +519,15 @@ class Connection:
         if reason.startswith("slow consumer") and not self.closed:
             logger.warning("connection of %s dropped: %s", self.client, reason)
             self._timers.append(asyncio.create_task(self._drop(reason)))
+        # Without a writer task, nobody else sees that the subscription ended.
+        if isinstance(sub, FrameSubscriber):
+            found = self.operations.get(sub.op_id)
+            if found is not None and found[0] is sub:
+                del self.operations[sub.op_id]
+            if reason not in ("complete", "connection closed") and not self.closed:
+                self._timers.append(
+                    asyncio.create_task(self._announce_end(sub.op_id, reason))
+                )
 
     async def _drop(self, reason: str) -> None:
         try:
@@ -495,6 +539,10 @@ class Connection:
 
     async def _ended(self, op_id: str, reason: str) -> None:
         self.operations.pop(op_id, None)
+        await self._announce_end(op_id, reason)
+
+    async def _announce_end(self, op_id: str, reason: str) -> None:
+        """Tell the client that the server ended a subscription, and why."""
         if reason.startswith("slow consumer"):
             pass  # _subscriber_closed closes the connection
         elif reason == "server shutting down":

@@ -3,7 +3,9 @@
 HTTP (``path``): queries and introspection by POST (JSON body) or GET
 (``?query=``), and the GraphiQL IDE for a browser when ``playground`` is on.
 WebSocket (``subscriptions.path``, default ``path``): subscriptions in
-either subprotocol, see :mod:`mycel_graphql._protocol`.
+either subprotocol, see :mod:`mycel_graphql._protocol`, over uvicorn's
+sans-I/O WebSocket protocol with a direct way in for subscription frames
+(:mod:`mycel_graphql._frames`).
 
 """
 
@@ -23,6 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 
 import mycel
 
+from ._frames import FrameProtocol, WriteBatch
 from ._protocol import Connection, Receive, Send, choose_subprotocol
 from ._schema import SchemaBuilder, ServedSchema
 from ._settings import GraphqlSettings
@@ -47,6 +50,8 @@ class GraphqlServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: mycel.AsgiServer | None = None
         self.auth: mycel.Authenticator | None = None
+        self.batch = WriteBatch()
+        """Connections with subscription frames to write; see ``_frames``."""
 
     @property
     def hub(self) -> mycel.Hub:
@@ -86,6 +91,7 @@ class GraphqlServer:
             self.settings.host,
             self.settings.port,
             interface="asgi3",
+            ws=FrameProtocol,
             reuse_port=self.services.reuse_port,
         )
         await self._server.start()
