@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -469,3 +470,37 @@ async def test_memory_source_with_concurrency_one_keeps_publish_order() -> None:
         picky = picky_of(app)
         assert picky.batches == []
         assert picky.delivered == [1, 3, 4]
+
+
+async def test_a_deliver_many_that_raises_fails_each_delivery_into_its_retry(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Raising(Picky):
+        type_name = "raising"
+
+        async def deliver_many(
+            self, deliveries: Sequence[Delivery]
+        ) -> list[BaseException | None]:
+            self.batches.append([d.payload["n"] for d in deliveries])
+            raise RuntimeError("bulk call broke")
+
+    class RaisingPlugin:
+        @hookimpl
+        def mycel_connector_types(self) -> list[type[Connector]]:
+            return [Raising]
+
+    text = picky_config().replace('type = "picky"', 'type = "raising"')
+    with caplog.at_level(logging.ERROR, "mycel.flow"):
+        async with running(text, plugins=[_builtin, RaisingPlugin()]) as app:
+            outcomes = await app.runtime.flows["f"].process_many(
+                [Event({"n": 1}), Event({"n": 2})]
+            )
+            raising = app.connector("pk")
+            assert isinstance(raising, Raising)
+            assert raising.batches == [[1, 2]]
+            assert sorted(raising.delivered) == [1, 2]
+    assert outcomes == [None, None]
+    assert [(r.levelname, r.getMessage()) for r in caplog.records] == [
+        ("ERROR", "flow 'f': connector 'pk' raised"),
+        ("ERROR", "flow 'f': connector 'pk' raised"),
+    ]

@@ -191,7 +191,9 @@ class FlowHandle:
         A flow that evaluates nothing per event (one ``to`` block with fixed
         ``operation`` and ``target``, no transform) sends all the events to
         its target in one :meth:`~mycel.Connector.deliver_many` call, then
-        retries each failed delivery on its own. Any other flow runs
+        retries each failed delivery on its own (if ``deliver_many`` itself
+        raised, or returned the wrong number of outcomes, every delivery
+        failed: a connector bug, logged by the retry). Any other flow runs
         :meth:`process` for each event concurrently. Either way the events
         are started in order but may finish in any order: a source that
         needs one event done before the next starts calls :meth:`process`
@@ -224,24 +226,25 @@ class FlowHandle:
                 )
                 for event in events
             ]
-            errors = await direct.deliver_many(deliveries)
             target = self._targets[0]
-            if len(errors) != count:
-                raise TypeError(
-                    f"connector {target.label!r}: deliver_many returned "
-                    f"{len(errors)} outcomes for {count} deliveries"
-                )
+            errors = await self._deliver_many(target, direct, deliveries)
 
             # What failed goes through the retry policy, each on its own.
-            failed = [i for i, error in enumerate(errors) if error is not None]
+            failed: list[tuple[int, Exception]] = []
+            for i, error in enumerate(errors):
+                if error is None:
+                    continue
+                if not isinstance(error, Exception):
+                    raise error  # cancellation: not an outcome
+                failed.append((i, error))
             target.delivered[0] += count - len(failed)
             outcomes: list[FlowError | None] = [None] * count
             if not failed:
                 return outcomes
             retried = await asyncio.gather(
-                *(self._retry_outcome(target, deliveries[i], errors[i]) for i in failed)
+                *(self._retry_outcome(target, deliveries[i], e) for i, e in failed)
             )
-            for i, outcome in zip(failed, retried, strict=True):
+            for (i, _), outcome in zip(failed, retried, strict=True):
                 outcomes[i] = outcome
             self._metrics.events_failed.labels(self.flow).inc(
                 sum(outcome is not None for outcome in retried)
@@ -250,12 +253,27 @@ class FlowHandle:
         finally:
             in_flight.leave(count)
 
+    @staticmethod
+    async def _deliver_many(
+        target: _Target, direct: _Direct, deliveries: list[Delivery]
+    ) -> Sequence[BaseException | None]:
+        """The target's outcomes; a connector bug fails every delivery."""
+        try:
+            errors = await direct.deliver_many(deliveries)
+        except Exception as exc:  # the plugin boundary: a connector bug
+            return [exc] * len(deliveries)
+        if len(errors) != len(deliveries):
+            bug = TypeError(
+                f"connector {target.label!r}: deliver_many returned "
+                f"{len(errors)} outcomes for {len(deliveries)} deliveries"
+            )
+            return [bug] * len(deliveries)
+        return errors
+
     async def _retry_outcome(
-        self, target: _Target, delivery: Delivery, error: BaseException | None
+        self, target: _Target, delivery: Delivery, error: Exception
     ) -> FlowError | None:
         """:meth:`_retry`, returning its FlowError instead of raising it."""
-        if not isinstance(error, Exception):
-            raise error if error is not None else AssertionError("no error")
         try:
             await self._retry(target, delivery, error)
         except FlowError as exc:
