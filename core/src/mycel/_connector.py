@@ -307,8 +307,9 @@ class Connector:
         not fail the others; the engine retries only those that failed, one
         by one through :meth:`deliver`.
 
-        Raise only when the call itself cannot go on (cancellation): every
-        delivery of the call then counts as failed.
+        Do not raise for a delivery's failure. An exception that escapes
+        (other than cancellation) is taken for a connector bug: it is logged
+        and every delivery of the call is retried through :meth:`deliver`.
 
         The default calls :meth:`deliver` for each delivery concurrently, so
         every target supports it; they start in order but may finish in any
