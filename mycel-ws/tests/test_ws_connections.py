@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import socket
 
 import pytest
 from websockets.asyncio.client import connect
@@ -266,6 +268,38 @@ async def test_slow_client_is_closed_and_the_others_get_everything() -> None:
                 1008,
                 "slow consumer: more than 5 messages waiting",
             )
+
+
+async def test_a_stalled_reader_is_found_after_the_send_buffer_fills() -> None:
+    # send_buffer (256 KB by default) caps what the kernel holds for a
+    # client; with autotuning it could hold up to tcp_wmem's 4 MB, which
+    # the server would have to push before it could tell.
+    port = free_port()
+    async with running(ws_config(port, "send_queue = 5", BROADCAST)) as app:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, ("127.0.0.1", port))
+        await loop.sock_sendall(
+            sock,
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+            b"Sec-WebSocket-Version: 13\r\n\r\n",
+        )
+        assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+        try:
+            connector = app.runtime.connectors["ws"]
+            await eventually(lambda: connector.connection_count == 1)  # type: ignore[attr-defined]
+            dropped = app.runtime.metrics.slow_dropped.labels("ws")
+            size, sent = 16_384, 0
+            while dropped._value.get() == 0:
+                await app.publish("mem", "in", {"pad": "x" * size})
+                await asyncio.sleep(0.005)
+                sent += size
+                assert sent < 1_500_000, "the stalled reader was not found"
+        finally:
+            sock.close()
 
 
 async def test_dead_client_is_found_by_ping_and_closed() -> None:

@@ -29,6 +29,7 @@ import functools
 import http
 import logging
 import os
+import socket
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -287,6 +288,12 @@ class WebSocketConnector(Connector):
         )
         identity, context = self._handshakes.pop(connection)
         params = context["params"]
+        if self._settings.send_buffer is not None:
+            sock = connection.transport.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, self._settings.send_buffer
+                )
 
         # Enter the hub and the rooms first, so that nothing is missed.
         subscriber = self.services.hub.subscribe(

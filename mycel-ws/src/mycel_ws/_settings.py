@@ -39,6 +39,18 @@ class WebSocketSettings(Settings):
     A client whose queue overflows is closed with 1008 "slow consumer".
     """
 
+    send_buffer: int | None = Field(default=262_144, ge=4096)
+    """The kernel's send buffer of each connection (``SO_SNDBUF``), bytes;
+    null leaves it to the kernel's autotuning.
+
+    A client that stops reading is found out only once this buffer is full
+    and then ``send_queue`` overflows. Autotuning lets the buffer grow to
+    ``net.ipv4.tcp_wmem``'s maximum (4 MB on most Linux systems), which a
+    stalled client makes the server fill and hold for nothing; the default
+    still sends 256 KB ahead per client, ample for real-time messages
+    unless a client is far away and the messages are large.
+    """
+
     allowed_origins: list[str] | None = None
     """``Origin`` values browsers may connect from (``"*"``: any,
     ``"https://*.example.com"``: any subdomain); null: any.
