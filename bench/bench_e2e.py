@@ -43,8 +43,8 @@ stream showed a 3.2 s median with the same client. The clients are now
 ``asyncio.Protocol`` objects that scan each read in one pass (cheaper, so
 they disturb the server less: 18 ms p99 against the same relay), one
 process per 5,000 connections, and every figure notes the CPU time the
-server and the clients used in that phase. Where Mycel trails at 10,000
-SSE or GraphQL clients, its process is the one using a whole core.
+server and the clients used in that phase, so that a phase limited by its
+clients rather than by the server shows it.
 """
 
 from __future__ import annotations
