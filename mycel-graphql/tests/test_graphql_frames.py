@@ -191,3 +191,22 @@ async def test_other_asgi_servers_get_frames_through_send() -> None:
                 assert await ws.recv() == {"id": "p", "type": "complete"}
         finally:
             await plain.stop()
+
+
+async def test_keepalive_ticks_in_both_protocols() -> None:
+    port = free_port()
+    config = CONFIG.format(port=port, queue_size=100).replace(
+        'keepalive = "0s"', 'keepalive = "50ms"'
+    )
+    url = f"ws://127.0.0.1:{port}/graphql"
+    async with (
+        running(config),
+        raw_socket(url) as modern,
+        raw_socket(url, "graphql-ws") as legacy,
+    ):
+        assert await modern.init() == {"type": "connection_ack"}
+        await legacy.send({"type": "connection_init"})
+        assert await legacy.recv() == {"type": "connection_ack"}
+        for _ in range(3):
+            assert await modern.recv(timeout=2) == {"type": "ping"}
+            assert await legacy.recv(timeout=2) == {"type": "ka"}

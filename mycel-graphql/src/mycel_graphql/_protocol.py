@@ -165,6 +165,7 @@ class Connection:
         """Where frames go without ASGI; None: through a task and ``send``."""
         self.batch: WriteBatch = server.batch
         self._timers: list[asyncio.Task[None]] = []
+        self._ping_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
         """The task running :meth:`run`, cancelled to abort a stuck peer."""
 
@@ -223,6 +224,8 @@ class Connection:
 
     def _stop_all(self) -> None:
         self.expiry.cancel()
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
         for timer in self._timers:
             timer.cancel()
         operations = list(self.operations.values())
@@ -408,8 +411,27 @@ class Connection:
         )
 
     def _start_keepalive(self) -> None:
-        if self.settings.subscriptions.keepalive > 0:
+        if self.settings.subscriptions.keepalive <= 0:
+            return
+        if self.writer is None:
             self._timers.append(asyncio.create_task(self._keepalive()))
+            return
+        # A timer, not a task: thousands of idle connections tick cheaply.
+        loop = asyncio.get_running_loop()
+        self._ping_timer = loop.call_later(
+            self.settings.subscriptions.keepalive, self._ping
+        )
+
+    def _ping(self) -> None:
+        """Write the keepalive message the way subscription frames go."""
+        writer = self.writer
+        if self.closed or writer is None or not writer.open:
+            return
+        if not writer.paused:
+            # A client with a full buffer has data coming; no ping needed.
+            writer.buffer_text(b'{"type":"ka"}' if self.legacy else b'{"type":"ping"}')
+            self.batch.add(writer)
+        self._start_keepalive()
 
     # Operations
 
