@@ -103,6 +103,19 @@ class _Direct:
         self.filter = to.filter if to.fan_out else None
         self.options = to.options
 
+    def delivery(self, flow: str, event: Event) -> Delivery:
+        """The event, unchanged, as this ``to`` block sends it."""
+        return Delivery(
+            flow,
+            self.operation,
+            self.target,
+            event.input,
+            event.input,
+            event.context,
+            self.filter,
+            self.options,
+        )
+
 
 class FlowHandle:
     """Runs one flow; handed to its source connector in a SourceBinding."""
@@ -158,16 +171,7 @@ class FlowHandle:
                 await self._process(event)
                 return
             # The direct path: one delivery, built without evaluating anything.
-            delivery = Delivery(
-                self.flow,
-                direct.operation,
-                direct.target,
-                event.input,
-                event.input,
-                event.context,
-                direct.filter,
-                direct.options,
-            )
+            delivery = direct.delivery(self.flow, event)
             try:
                 await direct.deliver(delivery)
             except Exception as exc:
@@ -213,19 +217,7 @@ class FlowHandle:
         in_flight.enter(count)
         try:
             # The direct path: one delivery per event, handed over at once.
-            deliveries = [
-                Delivery(
-                    self.flow,
-                    direct.operation,
-                    direct.target,
-                    event.input,
-                    event.input,
-                    event.context,
-                    direct.filter,
-                    direct.options,
-                )
-                for event in events
-            ]
+            deliveries = [direct.delivery(self.flow, event) for event in events]
             target = self._targets[0]
             errors = await self._deliver_many(target, direct, deliveries)
 
