@@ -39,7 +39,7 @@ from ._connector import (
 )
 from ._engine import FlowHandle
 from ._expr import Expression, Template, as_text
-from ._hub import Hub, Message, Subscriber, SubscriberClosed
+from ._hub import Hub, Message, Subscriber, SubscriberClosed, WriteBatch
 from ._memory import MemoryConnector, TopicPattern
 from ._plugins import PluginRegistry, load_plugins
 from ._runtime import Runtime
@@ -103,6 +103,7 @@ __all__ = [
     "Template",
     "ToBlock",
     "TopicPattern",
+    "WriteBatch",
     "as_text",
     "backplane_decode",
     "backplane_encode",

@@ -46,7 +46,14 @@ from typing import Any
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mycel import SSE_EXPIRED_EVENT, ExpiryTimer, Hub, Message, Subscriber
+from mycel import (
+    SSE_EXPIRED_EVENT,
+    ExpiryTimer,
+    Hub,
+    Message,
+    Subscriber,
+    WriteBatch,
+)
 
 from ._history import encode_comment
 
@@ -132,8 +139,7 @@ class Streams:
     """The live clients of one connector: write batching, watchdog, beats."""
 
     __slots__ = (
-        "_dirty",
-        "_scheduled",
+        "_batch",
         "connector",
         "count_drop",
         "live",
@@ -150,30 +156,20 @@ class Streams:
         self.live: set[SseClient] = set()
         self.stalled: set[SseClient] = set()
         """Clients with a write held back by the server's flow control."""
-        self._dirty: list[SseClient] = []
-        self._scheduled = False
+        self._batch: WriteBatch[SseClient] = WriteBatch(self._write_failed)
 
     def mark(self, client: SseClient) -> None:
         """Have ``client``'s buffer written at the end of this iteration."""
-        self._dirty.append(client)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        self._batch.add(client)
 
-    def _flush(self) -> None:
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for client in dirty:
-            try:
-                client.write_out()
-            except Exception:  # one broken stream must not stall the rest
-                logger.error(
-                    "connector %r: writing to client %d failed",
-                    self.connector,
-                    client.id,
-                    exc_info=True,
-                )
-                client.close("write failed")
+    def _write_failed(self, client: SseClient, error: Exception) -> None:
+        logger.error(
+            "connector %r: writing to client %d failed",
+            self.connector,
+            client.id,
+            exc_info=error,
+        )
+        client.close("write failed")
 
     async def watch_stalls(self) -> None:
         """Drop clients whose current write has waited over ``send_timeout``.

@@ -57,6 +57,7 @@ from mycel import (
     Operation,
     SourceBinding,
     Subscriber,
+    WriteBatch,
     check_origin,
 )
 
@@ -72,7 +73,7 @@ from ._frames import (
     room_frame,
 )
 from ._settings import WebSocketSettings
-from ._subscriber import FRAME_CACHE_KEY, SLOW_CONSUMER, WriteBatch, WsSubscriber
+from ._subscriber import FRAME_CACHE_KEY, SLOW_CONSUMER, WsSubscriber, write_failed
 
 __all__ = ["WebSocketConnector"]
 
@@ -118,7 +119,7 @@ class WebSocketConnector(Connector):
         self._server: Server | None = None
         self._accepting = False
         self._open: set[ServerConnection] = set()
-        self._batch = WriteBatch()
+        self._batch: WriteBatch[WsSubscriber] = WriteBatch(write_failed)
         self._auth: Authenticator | None = None
         # Who each connection is, from its handshake until _handle takes it.
         self._handshakes: dict[ServerConnection, tuple[Identity, dict[str, Any]]] = {}

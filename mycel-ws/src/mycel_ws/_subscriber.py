@@ -5,7 +5,7 @@ client. While the connection's transport buffer is below websockets'
 ``write_limit``, the already encoded frame goes straight into the
 connection, as :func:`websockets.asyncio.server.broadcast` does: no task,
 no queue. The bytes reach the socket at the end of the current event loop
-iteration (:class:`WriteBatch`), so that a burst of events costs one write
+iteration (:class:`mycel.WriteBatch`), so that a burst of events costs one write
 per client rather than one per event and client. Once
 the buffer is full (the client reads slower than we write), messages wait in
 a queue of at most ``send_queue`` messages that a short-lived task drains in
@@ -26,11 +26,11 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from mycel import Hub, Message, Subscriber
+from mycel import Hub, Message, Subscriber, WriteBatch
 
 from ._frames import message_frame
 
-__all__ = ["FRAME_CACHE_KEY", "SLOW_CONSUMER", "WriteBatch", "WsSubscriber"]
+__all__ = ["FRAME_CACHE_KEY", "SLOW_CONSUMER", "WsSubscriber", "write_failed"]
 
 logger = logging.getLogger("mycel.ws")
 
@@ -41,40 +41,14 @@ SLOW_CONSUMER = "slow consumer"
 """Start of the close reason of a client that could not keep up."""
 
 
-class WriteBatch:
-    """Clients with frames to write out at the end of this loop iteration.
-
-    One per connector. Writing a client's frames together is one system
-    call instead of one per frame; on Linux it also lets TCP send them in
-    fewer segments.
-
-    """
-
-    __slots__ = ("_dirty", "_scheduled")
-
-    def __init__(self) -> None:
-        self._dirty: list[WsSubscriber] = []
-        self._scheduled = False
-
-    def add(self, subscriber: WsSubscriber) -> None:
-        self._dirty.append(subscriber)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for subscriber in dirty:
-            try:
-                subscriber.write_out()
-            except Exception:  # one broken transport must not stall the rest
-                logger.error(
-                    "writing to connection %s failed",
-                    subscriber.connection.id,
-                    exc_info=True,
-                )
-                subscriber.connection.transport.abort()
+def write_failed(subscriber: WsSubscriber, error: Exception) -> None:
+    """What the connector's :class:`mycel.WriteBatch` does when a write fails."""
+    logger.error(
+        "writing to connection %s failed",
+        subscriber.connection.id,
+        exc_info=error,
+    )
+    subscriber.connection.transport.abort()
 
 
 class WsSubscriber(Subscriber):
@@ -91,7 +65,7 @@ class WsSubscriber(Subscriber):
         on_close: Callable[[Subscriber, str], None] | None,
         *,
         connection: ServerConnection,
-        batch: WriteBatch,
+        batch: WriteBatch[WsSubscriber],
     ) -> None:
         super().__init__(hub, id, context, limit, on_close)
         self.connection = connection
