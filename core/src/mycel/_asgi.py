@@ -36,7 +36,10 @@ class AsgiServer:
 
     ``port=0`` binds a free port; :attr:`port` tells which once started.
     ``reuse_port`` sets SO_REUSEPORT so that several processes can share the
-    port. Extra keyword arguments go to :class:`uvicorn.Config`.
+    port. ``send_buffer`` sets the kernel's send buffer (SO_SNDBUF) of
+    every accepted connection, in bytes (Linux copies it from the listening
+    socket); None leaves it to autotuning. Extra keyword arguments go to
+    :class:`uvicorn.Config`.
 
     """
 
@@ -47,11 +50,13 @@ class AsgiServer:
         port: int,
         *,
         reuse_port: bool = False,
+        send_buffer: int | None = None,
         **options: Any,
     ) -> None:
         self.host = host
         self.port = port
         self._reuse_port = reuse_port
+        self._send_buffer = send_buffer
         options.setdefault("log_level", "warning")
         options.setdefault("lifespan", "off")
         options.setdefault("access_log", False)
@@ -69,6 +74,8 @@ class AsgiServer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if self._send_buffer is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._send_buffer)
         try:
             sock.bind((self.host, self.port))
         except OSError as exc:

@@ -186,6 +186,7 @@ class SseConnector(Connector):
             settings.host,
             settings.port,
             reuse_port=self.services.reuse_port,
+            send_buffer=settings.send_buffer,
         )
         if self._backplane is not None:
             self._follower = asyncio.create_task(self._follow())

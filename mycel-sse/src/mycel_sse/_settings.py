@@ -94,6 +94,16 @@ class SseSettings(Settings):
     """Events queued for one client; a client that falls this far behind
     is disconnected so that it cannot slow the others."""
 
+    send_buffer: int | None = Field(default=262_144, ge=4096)
+    """The kernel's send buffer of each connection (``SO_SNDBUF``), bytes;
+    null leaves it to the kernel's autotuning.
+
+    A client that stops reading is found out only once this buffer is full
+    (then ``send_queue`` fills). Autotuning lets it grow to
+    ``net.ipv4.tcp_wmem``'s maximum (4 MB on most Linux systems), which a
+    stalled client makes the server fill for nothing.
+    """
+
     send_timeout: Duration = Field(default=10.0, gt=0)
     """A client that accepts no data for this long is disconnected (checked
     every second, or every quarter of this if shorter)."""
