@@ -7,7 +7,7 @@ its own. Here the hub's :meth:`FrameSubscriber.offer` encodes the message
 that has the same) and puts the frame into the connection's websockets
 protocol object while the event is being published: no task, no queue. The
 bytes of every connection that got frames reach the socket at the end of
-the event loop iteration (:class:`WriteBatch`), one write per connection,
+the event loop iteration (:class:`mycel.WriteBatch`), one write per connection,
 or as soon as they pass :data:`FLUSH_BYTES`.
 
 This needs a way into the connection below ASGI: :class:`FrameProtocol`,
@@ -47,7 +47,7 @@ import mycel
 
 from ._schema import Plan
 
-__all__ = ["FRAMES_EXTENSION", "FrameProtocol", "FrameSubscriber", "WriteBatch"]
+__all__ = ["FRAMES_EXTENSION", "FrameProtocol", "FrameSubscriber", "write_batch"]
 
 logger = logging.getLogger("mycel.graphql")
 
@@ -65,7 +65,7 @@ class FrameProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, taking frames without ASGI."""
 
     queued = False
-    """Whether the connection waits in a :class:`WriteBatch`."""
+    """Whether the connection waits in the server's :class:`mycel.WriteBatch`."""
 
     buffered = 0
     """Bytes of frames in the connection's buffer, not yet written."""
@@ -96,51 +96,30 @@ class FrameProtocol(WebSocketsSansIOProtocol):
         self.conn.send_text(data)
         self.buffered += len(data)
 
+    def write_soon(self, batch: mycel.WriteBatch[FrameProtocol]) -> None:
+        """Have ``batch`` write the buffer out at the end of this iteration."""
+        if not self.queued:
+            self.queued = True
+            batch.add(self)
+
     def write_out(self) -> None:
         """Write what the connection's buffer holds, in one system call."""
+        self.queued = False
         self.buffered = 0
         chunks = self.conn.data_to_send()
         if chunks and not self.transport.is_closing():
             self.transport.write(b"".join(chunks))
 
 
-class WriteBatch:
-    """Connections with frames to write out at the end of this iteration.
+def _write_failed(writer: FrameProtocol, exc: Exception) -> None:
+    """A :class:`mycel.WriteBatch` write that raised: that connection ends."""
+    logger.error("writing to the connection of %s failed", writer.client, exc_info=exc)
+    writer.transport.abort()
 
-    One per server. Writing a connection's frames together is one system
-    call instead of one per frame, and lets TCP send them in fewer segments.
 
-    """
-
-    __slots__ = ("_dirty", "_scheduled")
-
-    def __init__(self) -> None:
-        self._dirty: list[FrameProtocol] = []
-        self._scheduled = False
-
-    def add(self, writer: FrameProtocol) -> None:
-        if writer.queued:
-            return
-        writer.queued = True
-        self._dirty.append(writer)
-        if not self._scheduled:
-            self._scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
-
-    def flush(self) -> None:
-        self._scheduled = False
-        dirty, self._dirty = self._dirty, []
-        for writer in dirty:
-            writer.queued = False
-            try:
-                writer.write_out()
-            except Exception:  # one broken transport must not stall the rest
-                logger.error(
-                    "writing to the connection of %s failed",
-                    writer.client,
-                    exc_info=True,
-                )
-                writer.transport.abort()
+def write_batch() -> mycel.WriteBatch[FrameProtocol]:
+    """The batch of one server: connections written once per iteration."""
+    return mycel.WriteBatch(_write_failed)
 
 
 class FrameSubscriber(mycel.Subscriber):
@@ -162,7 +141,7 @@ class FrameSubscriber(mycel.Subscriber):
         on_close: Callable[[mycel.Subscriber, str], None] | None,
         *,
         writer: FrameProtocol,
-        batch: WriteBatch,
+        batch: mycel.WriteBatch[FrameProtocol],
         op_id: str,
         plan: Plan,
         prefix: str,
@@ -200,7 +179,7 @@ class FrameSubscriber(mycel.Subscriber):
         if self._flusher is None and not writer.paused:
             writer.buffer_text(data)
             if writer.buffered < FLUSH_BYTES:
-                self._batch.add(writer)
+                writer.write_soon(self._batch)
             else:
                 # A long burst within one loop iteration: write now, so that
                 # the transport can pause us before memory runs away.

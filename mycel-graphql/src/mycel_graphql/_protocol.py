@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 import mycel
 
-from ._frames import FRAMES_EXTENSION, FrameProtocol, FrameSubscriber, WriteBatch
+from ._frames import FRAMES_EXTENSION, FrameProtocol, FrameSubscriber
 from ._schema import Plan, dumps
 
 if TYPE_CHECKING:
@@ -163,7 +163,7 @@ class Connection:
         extension = scope.get("extensions", {}).get(FRAMES_EXTENSION, {})
         self.writer: FrameProtocol | None = extension.get("writer")
         """Where frames go without ASGI; None: through a task and ``send``."""
-        self.batch: WriteBatch = server.batch
+        self.batch: mycel.WriteBatch[FrameProtocol] = server.batch
         self._timers: list[asyncio.Task[None]] = []
         self._ping_timer: asyncio.TimerHandle | None = None
         self.task: asyncio.Task[None] | None = None
@@ -430,7 +430,7 @@ class Connection:
         if not writer.paused:
             # A client with a full buffer has data coming; no ping needed.
             writer.buffer_text(b'{"type":"ka"}' if self.legacy else b'{"type":"ping"}')
-            self.batch.add(writer)
+            writer.write_soon(self.batch)
         self._start_keepalive()
 
     # Operations

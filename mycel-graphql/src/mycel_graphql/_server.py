@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, R
 
 import mycel
 
-from ._frames import FrameProtocol, WriteBatch
+from ._frames import FrameProtocol, write_batch
 from ._protocol import Connection, Receive, Send, choose_subprotocol
 from ._schema import SchemaBuilder, ServedSchema
 from ._settings import GraphqlSettings
@@ -50,7 +50,7 @@ class GraphqlServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._server: mycel.AsgiServer | None = None
         self.auth: mycel.Authenticator | None = None
-        self.batch = WriteBatch()
+        self.batch = write_batch()
         """Connections with subscription frames to write; see ``_frames``."""
 
     @property
