@@ -140,6 +140,14 @@ class FlowHandle:
         self._events_in = metrics.events_in.cell(flow.name)
         self._in_flight = in_flight
         self._direct = self._direct_target()
+        self.batches = self._direct is not None and (
+            type(self._targets[0].connector).deliver_many is not Connector.deliver_many
+        )
+        """Whether :meth:`process_many` beats :meth:`process` per event: the
+        flow sends events unchanged to one target that writes a batch in
+        one go (overrides :meth:`~mycel.Connector.deliver_many`). A source
+        hands over batches only then; otherwise one event per worker keeps
+        the work spread over its workers."""
 
     def _direct_target(self) -> _Direct | None:
         """The one ``to`` block when the flow evaluates nothing per event.

@@ -5,11 +5,12 @@ exchanges (``orders.*`` matches one word, ``audit.#`` any number of words);
 as a target, ``target`` is the topic. It is the embedded default for demos
 and tests: nothing to install, nothing to run.
 
-Each reading flow has ``concurrency`` workers. A worker that takes an
-event also takes whatever else is already queued for its flow, up to 512
-events, and runs them together (:meth:`~mycel.FlowHandle.process_many`),
-so that a target which writes many events at once, such as a database,
-gets them at once. Events are taken in publish order but, as with any
+Each reading flow has ``concurrency`` workers. When the flow's target
+writes many events at once (such as a database; see
+:attr:`mycel.FlowHandle.batches`), a worker that takes an event also takes
+whatever else is already queued for its flow, up to 512 events, and runs
+them together (:meth:`~mycel.FlowHandle.process_many`); otherwise each
+worker takes one event at a time. Events are taken in publish order but, as with any
 concurrency, may complete in any order; a failed event is retried on its
 own while the rest of its batch goes on. A flow with ``concurrency = 1``
 is the exception: its one worker runs one event at a time, so events are
@@ -140,7 +141,7 @@ class MemoryConnector(Connector):
     async def _work(self, reader: _Reader) -> None:
         queue = reader.queue
         handle = reader.binding.handle
-        batch = _BATCH if handle.concurrency > 1 else 1
+        batch = _BATCH if handle.concurrency > 1 and handle.batches else 1
         while True:
             # Wait for one event, then take what else is ready with it.
             events = [await queue.get()]
