@@ -129,3 +129,19 @@ def test_listening_sockets_disable_nagle() -> None:
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
     finally:
         sock.close()
+
+
+def test_send_buffer_is_set_on_the_listening_socket() -> None:
+    # Linux copies it to every accepted connection (and doubles the value).
+    import socket
+
+    from mycel import AsgiServer
+
+    capped = AsgiServer(object(), "127.0.0.1", 0, send_buffer=65536)._bind()
+    default = AsgiServer(object(), "127.0.0.1", 0)._bind()
+    try:
+        assert capped.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65536
+        assert default.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) != 2 * 65536
+    finally:
+        capped.close()
+        default.close()

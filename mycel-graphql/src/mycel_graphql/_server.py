@@ -93,6 +93,7 @@ class GraphqlServer:
             interface="asgi3",
             ws=FrameProtocol,
             reuse_port=self.services.reuse_port,
+            send_buffer=self.settings.send_buffer,
         )
         await self._server.start()
         host, port = self.settings.host, self._server.port

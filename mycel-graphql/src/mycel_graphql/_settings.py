@@ -30,6 +30,7 @@ _SERVER_ONLY = (
     "schema_file",
     "playground",
     "queue_size",
+    "send_buffer",
     "allowed_origins",
     "auth",
 )
@@ -104,6 +105,12 @@ class GraphqlSettings(mycel.Settings):
     queue_size: int = Field(default=1000, ge=1)
     """Server: messages queued per subscription before it is dropped as a
     slow consumer."""
+
+    send_buffer: int | None = Field(default=262_144, ge=4096)
+    """Server: the kernel's send buffer of each connection (``SO_SNDBUF``),
+    bytes; null leaves it to the kernel's autotuning (up to 4 MB). A client
+    that stops reading is found out once this and ``queue_size`` are full.
+    """
 
     subscriptions: SubscriptionSettings = SubscriptionSettings()
     """The ``subscriptions { ... }`` block."""
