@@ -54,7 +54,6 @@ import json
 import multiprocessing
 import os
 import re
-import resource
 import signal
 import socket
 import struct
@@ -66,6 +65,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+from _e2e import free_port, percentile, raise_fd_limit
+
 GOOD, STALLED, VANISHING = 800, 100, 100
 GROUPS = int(os.environ.get("BENCH_BAD_GROUPS", "10"))
 RATE = int(os.environ.get("BENCH_BAD_RATE", "100"))
@@ -73,25 +74,6 @@ SECONDS = int(os.environ.get("BENCH_BAD_SECONDS", "5"))
 WARMUP = RATE  # one second of ticks, not counted
 BULK_MESSAGES, BULK = 100, "y" * 65536
 PAD = "x" * 256
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
-
-
-def _raise_fd_limit() -> None:
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _handshake(port: int, query: str) -> bytes:
@@ -172,7 +154,7 @@ def good_process(port: int, pipe: Connection) -> None:
         for task in tasks:
             task.cancel()
 
-    _raise_fd_limit()
+    raise_fd_limit()
     asyncio.run(main())
 
 
@@ -621,7 +603,7 @@ def report(result: dict[str, Any]) -> None:
 
 
 def main() -> None:
-    _raise_fd_limit()
+    raise_fd_limit()
     folder = Path(tempfile.mkdtemp(prefix="mycel-bench-bad-clients-"))
     mycel = Mycel(folder)
     parent, child = multiprocessing.Pipe()
