@@ -33,7 +33,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing.connection import Connection
@@ -96,6 +96,32 @@ def _masked(text: str) -> bytes:
 
 
 GQL_PONG = _masked('{"type":"pong"}')
+
+
+def ws_frames(buffer: bytes | bytearray) -> Iterator[tuple[int, int, int]]:
+    """``(opcode, start, end)`` of each whole frame a server sent, in order.
+
+    ``buffer[start:end]`` is the payload (server frames are not masked);
+    the last ``end`` is where the next, incomplete frame begins.
+
+    """
+    pos, total = 0, len(buffer)
+    while total - pos >= 2:
+        opcode, size, head = buffer[pos] & 0x0F, buffer[pos + 1] & 0x7F, 2
+        if size == 126:
+            size, head = int.from_bytes(buffer[pos + 2 : pos + 4], "big"), 4
+        elif size == 127:
+            size, head = int.from_bytes(buffer[pos + 2 : pos + 10], "big"), 10
+        end = pos + head + size
+        if end > total:
+            return
+        yield opcode, pos + head, end
+        pos = end
+
+
+def pong(payload: bytes) -> bytes:
+    """The client's (masked) answer to a ping carrying ``payload``."""
+    return bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
 
 
 @dataclass
@@ -164,27 +190,15 @@ class _Client(asyncio.Protocol):
 
         # WebSocket: walk the frame headers, answer control frames, then
         # scan the complete text frames in one pass.
-        pos, total, texts = 0, len(buffer), []
-        while total - pos >= 2:
-            opcode, size, head = buffer[pos] & 0x0F, buffer[pos + 1] & 0x7F, 2
-            if size == 126:
-                size, head = int.from_bytes(buffer[pos + 2 : pos + 4], "big"), 4
-            elif size == 127:
-                size, head = int.from_bytes(buffer[pos + 2 : pos + 10], "big"), 10
-            end = pos + head + size
-            if end > total:
-                break
+        pos, texts = 0, []
+        for opcode, start, pos in ws_frames(buffer):
             if opcode == 0x1:
-                texts.append(buffer[pos + head : end])
-            elif opcode == 0x9:  # ping: answer with a masked pong
-                payload = buffer[pos + head : end]
-                self.transport.write(
-                    bytes([0x8A, 0x80 | len(payload)]) + b"\0\0\0\0" + payload
-                )
+                texts.append(buffer[start:pos])
+            elif opcode == 0x9:
+                self.transport.write(pong(buffer[start:pos]))
             elif opcode == 0x8:
                 self.transport.close()
                 return
-            pos = end
         self.buffer = buffer[pos:]
         if not texts:
             return

@@ -37,6 +37,8 @@ from pathlib import Path
 import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "core" / "src"))
+from _e2e import pong, ws_frames
+
 from mycel.testing import free_port
 
 CLIENTS = int(os.environ.get("BENCH_CLUSTER_CLIENTS", "1000"))
@@ -127,24 +129,11 @@ class _Client:
         buffer = self.buffer
         buffer += chunk
         pos = 0
-        while len(buffer) - pos >= 2:
-            length = buffer[pos + 1] & 0x7F
-            head = 2
-            if length == 126:
-                head = 4
-                length = int.from_bytes(buffer[pos + 2 : pos + 4], "big")
-            elif length == 127:
-                head = 10
-                length = int.from_bytes(buffer[pos + 2 : pos + 10], "big")
-            if len(buffer) - pos < head + length:
-                break
-            opcode = buffer[pos] & 0x0F
+        for opcode, start, pos in ws_frames(buffer):
             if opcode in (1, 2):
                 self.count += 1
-            elif opcode == 9:  # ping: a masked pong with the same data
-                data = bytes(buffer[pos + head : pos + head + length])
-                self.sock.send(bytes([0x8A, 0x80 | length]) + b"\0\0\0\0" + data)
-            pos += head + length
+            elif opcode == 9:
+                self.sock.send(pong(bytes(buffer[start:pos])))
         del buffer[:pos]
 
 
