@@ -179,6 +179,12 @@ class WebSocketConnector(Connector):
                 f"connector {self.name!r}: cannot listen on "
                 f"{settings.host}:{settings.port}: {reason}"
             ) from exc
+        if settings.send_buffer is not None:
+            # Linux copies it from the listening socket to every accepted one.
+            for sock in self._server.sockets:
+                sock.setsockopt(
+                    socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer
+                )
         logger.info(
             "connector %r listening on ws://%s:%d%s",
             self.name,
@@ -289,12 +295,6 @@ class WebSocketConnector(Connector):
         )
         identity, context = self._handshakes.pop(connection)
         params = context["params"]
-        if self._settings.send_buffer is not None:
-            sock = connection.transport.get_extra_info("socket")
-            if sock is not None:
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_SNDBUF, self._settings.send_buffer
-                )
 
         # Enter the hub and the rooms first, so that nothing is missed.
         subscriber = self.services.hub.subscribe(
