@@ -314,17 +314,13 @@ class DatabaseConnector(Connector):
             group[0].append(index)
             group[1].append(row)
 
-        # Write the groups, each as one unit of the batcher.
-        if len(groups) == 1:
-            [(plan, (_, rows))] = groups.items()
-            written = [await self._batcher.write_many(plan.statement, rows)]
-        else:
-            written = await asyncio.gather(
-                *(
-                    self._batcher.write_many(plan.statement, rows)
-                    for plan, (_, rows) in groups.items()
-                )
-            )
+        # Write the groups, each as one unit of the batcher, one after the
+        # other in the order of their first delivery: rows of one batch
+        # commit in the order they were handed over.
+        written = [
+            await self._batcher.write_many(plan.statement, rows)
+            for plan, (_, rows) in groups.items()
+        ]
         for (plan, (indexes, _)), errors in zip(groups.items(), written, strict=True):
             if any(error is not None for error in errors):
                 self._forget(plan.statement.table)
