@@ -65,7 +65,7 @@ class Operation:
         return re.fullmatch(self.regex, operation) is not None
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """One event a source hands to a flow.
 
@@ -93,7 +93,7 @@ class Filter:
     indexed: IndexedEquality | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Delivery:
     """One event going out through one ``to`` block.
 
