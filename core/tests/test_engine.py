@@ -472,6 +472,84 @@ async def test_memory_source_with_concurrency_one_keeps_publish_order() -> None:
         assert picky.delivered == [1, 3, 4]
 
 
+async def test_a_publisher_that_never_waits_still_lets_the_flow_work() -> None:
+    # Once a batch's worth is queued for an idle worker, publish yields to it.
+    async with running(picky_config(), plugins=PICKY_PLUGINS) as app:
+        bus = app.memory("bus")
+        for n in range(3 * 512):
+            await bus.publish("t", {"n": n})
+        picky = picky_of(app)
+        assert picky.batches, "nothing ran while the publisher was publishing"
+        await bus.drain()
+        assert sorted(picky.delivered) == list(range(3 * 512))
+        assert max(map(len, picky.batches)) <= 512
+
+
+class Gated(Picky):
+    type_name = "gated"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.gate = asyncio.Event()
+
+    async def deliver(self, delivery: Delivery) -> None:
+        await self.gate.wait()
+        await super().deliver(delivery)
+
+
+class GatedPlugin:
+    @hookimpl
+    def mycel_connector_types(self) -> list[type[Connector]]:
+        return [Gated]
+
+
+GATED = (
+    picky_config(concurrency=1)
+    .replace('type = "picky"', 'type = "gated"')
+    .replace('type = "memory"', 'type = "memory"\n buffer = 2')
+)
+
+
+async def test_a_full_buffer_holds_the_publisher_back_and_loses_nothing() -> None:
+    async with running(GATED, plugins=[_builtin, GatedPlugin()]) as app:
+        bus = app.memory("bus")
+        gated = app.connector("pk")
+        assert isinstance(gated, Gated)
+
+        async def publish_all() -> None:
+            for n in range(6):
+                await bus.publish("t", {"n": n})
+
+        publisher = asyncio.create_task(publish_all())
+        # One event taken by the worker, two queued: the fourth must wait.
+        await asyncio.sleep(0.05)
+        assert not publisher.done()
+        assert gated.delivered == []
+        gated.gate.set()
+        await asyncio.wait_for(publisher, 5)
+        await bus.drain()
+        assert gated.delivered == list(range(6))
+
+
+async def test_a_cancelled_waiting_publisher_passes_the_room_on() -> None:
+    async with running(GATED, plugins=[_builtin, GatedPlugin()]) as app:
+        bus = app.memory("bus")
+        gated = app.connector("pk")
+        assert isinstance(gated, Gated)
+        for n in range(3):
+            await bus.publish("t", {"n": n})  # one taken, two queued
+        await asyncio.sleep(0)
+        first = asyncio.create_task(bus.publish("t", {"n": 3}))
+        second = asyncio.create_task(bus.publish("t", {"n": 4}))
+        await asyncio.sleep(0.01)
+        assert not first.done() and not second.done()
+        first.cancel()
+        gated.gate.set()
+        await asyncio.wait_for(second, 5)
+        await bus.drain()
+        assert gated.delivered == [0, 1, 2, 4]
+
+
 async def test_a_deliver_many_that_raises_fails_each_delivery_into_its_retry(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

@@ -48,7 +48,22 @@ _BATCH = 512
 _MAX_ROUTES = 10_000
 """Topics whose matching queues are remembered."""
 
-_Route = tuple[list["asyncio.Queue[Event]"], list["asyncio.Queue[Any]"]]
+
+class _Route:
+    """Where events on one topic go, worked out once per topic."""
+
+    __slots__ = ("context", "inboxes", "listeners")
+
+    def __init__(
+        self,
+        inboxes: list[_Inbox],
+        listeners: list[asyncio.Queue[Any]],
+        topic: str,
+    ) -> None:
+        self.inboxes = inboxes
+        self.listeners = listeners
+        self.context = {"topic": topic}
+        """Every event on the topic shares it: a context is not written to."""
 
 
 class TopicPattern:
@@ -89,11 +104,131 @@ class MemorySettings(Settings):
     """Failed events kept for inspection, per connector."""
 
 
+class _Inbox:
+    """A reading flow's queue: bounded, and taken from in batches.
+
+    What :class:`asyncio.Queue` does, minus its calls per event on the way
+    out: a worker takes every ready event it may (up to ``batch``) at once
+    and marks them processed at once. An idle worker is woken for each
+    ``batch`` events queued, not for each event: one wake-up per event
+    would wake hundreds of workers to find the queue already emptied by the
+    first.
+
+    """
+
+    __slots__ = (
+        "_getters",
+        "_idle",
+        "_putters",
+        "_unfinished",
+        "batch",
+        "events",
+        "limit",
+        "woken",
+    )
+
+    def __init__(self, limit: int, batch: int) -> None:
+        self.events: deque[Event] = deque()
+        self.limit = limit
+        self.batch = batch
+        self.woken = 0
+        """Workers woken for events that they have not yet taken."""
+        self._getters: deque[asyncio.Future[None]] = deque()
+        """Idle workers, waiting for an event."""
+        self._putters: deque[asyncio.Future[None]] = deque()
+        """Publishers waiting for room."""
+        self._unfinished = 0
+        self._idle: asyncio.Future[None] | None = None
+
+    def put_nowait(self, event: Event) -> None:
+        """Queue ``event``; the caller made sure that there is room."""
+        self.events.append(event)
+        self._unfinished += 1
+        if self._getters and len(self.events) > self.woken * self.batch:
+            self._wake_worker()
+
+    def _wake_worker(self) -> None:
+        if _wake(self._getters):
+            self.woken += 1
+
+    async def put(self, event: Event) -> None:
+        """Queue ``event`` once there is room for it."""
+        while len(self.events) >= self.limit:
+            waiter = _waiter(self._putters)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                # Woken, then cancelled: pass the room on to the next one.
+                if not waiter.cancelled() and len(self.events) < self.limit:
+                    _wake(self._putters)
+                raise
+        self.put_nowait(event)
+
+    async def take(self) -> list[Event]:
+        """Wait for an event, then take it and what else is ready, up to ``batch``."""
+        events = self.events
+        while not events:
+            waiter = _waiter(self._getters)
+            try:
+                await waiter
+            except asyncio.CancelledError:
+                if not waiter.cancelled():
+                    # Woken, then cancelled: pass the events on.
+                    self.woken -= 1
+                    if events and self._getters:
+                        self._wake_worker()
+                raise
+            self.woken -= 1
+        if self.batch == 1 or len(events) == 1:
+            batch = [events.popleft()]
+        else:
+            batch = [events.popleft() for _ in range(min(self.batch, len(events)))]
+        if self._getters and len(events) > self.woken * self.batch:
+            self._wake_worker()  # more are waiting than the woken will take
+        putters = self._putters
+        for _ in batch:
+            if not putters or not _wake(putters):
+                break
+        return batch
+
+    def done(self, count: int) -> None:
+        """``count`` events that were taken have been processed."""
+        self._unfinished -= count
+        idle = self._idle
+        if self._unfinished == 0 and idle is not None:
+            self._idle = None
+            if not idle.done():
+                idle.set_result(None)
+
+    async def join(self) -> None:
+        """Wait until every queued event has been processed."""
+        if self._unfinished:
+            if self._idle is None:
+                self._idle = asyncio.get_running_loop().create_future()
+            await asyncio.shield(self._idle)
+
+
+def _waiter(waiters: deque[asyncio.Future[None]]) -> asyncio.Future[None]:
+    waiter = asyncio.get_running_loop().create_future()
+    waiters.append(waiter)
+    return waiter
+
+
+def _wake(waiters: deque[asyncio.Future[None]]) -> bool:
+    # Wake the first one still waiting; False if none was.
+    while waiters:
+        waiter = waiters.popleft()
+        if not waiter.done():
+            waiter.set_result(None)
+            return True
+    return False
+
+
 @dataclass
 class _Reader:
     binding: SourceBinding
     pattern: TopicPattern
-    queue: asyncio.Queue[Event]
+    inbox: _Inbox
 
 
 class MemoryConnector(Connector):
@@ -117,17 +252,21 @@ class MemoryConnector(Connector):
         self._routes: dict[str, _Route] = {}
         self._workers: list[asyncio.Task[None]] = []
         self._accepting = False
+        self._unyielded = 0
+        """Publishes since a publisher last gave the event loop a turn."""
         self.dead_letters: deque[tuple[str, Any, str]] = deque(
             maxlen=self._settings.dead_letter_size
         )
 
     def bind_source(self, binding: SourceBinding) -> None:
         super().bind_source(binding)
+        handle = binding.handle
+        batch = _BATCH if handle.concurrency > 1 and handle.batches else 1
         self._readers.append(
             _Reader(
                 binding,
                 TopicPattern(binding.operation),
-                asyncio.Queue(self._settings.buffer),
+                _Inbox(self._settings.buffer, batch),
             )
         )
         self._routes.clear()
@@ -139,15 +278,10 @@ class MemoryConnector(Connector):
                 self._workers.append(asyncio.create_task(self._work(reader)))
 
     async def _work(self, reader: _Reader) -> None:
-        queue = reader.queue
+        inbox = reader.inbox
         handle = reader.binding.handle
-        batch = _BATCH if handle.concurrency > 1 and handle.batches else 1
         while True:
-            # Wait for one event, then take what else is ready with it.
-            events = [await queue.get()]
-            while len(events) < batch and not queue.empty():
-                events.append(queue.get_nowait())
-
+            events = await inbox.take()
             try:
                 if len(events) == 1:
                     try:
@@ -160,8 +294,7 @@ class MemoryConnector(Connector):
                         if outcome is not None:
                             self._dead_letter(event, outcome)
             finally:
-                for _ in events:
-                    queue.task_done()
+                inbox.done(len(events))
 
     def _dead_letter(self, event: Event, error: FlowError) -> None:
         topic = event.context.get("topic", "")
@@ -178,27 +311,36 @@ class MemoryConnector(Connector):
     async def publish(self, topic: str, payload: Any) -> int:
         """Publish ``payload`` on ``topic``; returns the readers reached.
 
-        Waits while a reading flow's buffer is full.
+        Waits while a reading flow's buffer is full. A publisher that never
+        has to wait still yields to the event loop once every 512 events, so
+        that the flows (and the rest of the process) work while it publishes
+        rather than after it is done.
 
         """
-        readers, listeners = self._route(topic)
-        for queue in readers:
-            event = Event(payload, {"topic": topic})
-            if queue.full():
-                await queue.put(event)
+        route = self._route(topic)
+        for inbox in route.inboxes:
+            event = Event(payload, route.context)
+            if len(inbox.events) >= inbox.limit:
+                await inbox.put(event)
+                self._unyielded = 0
             else:
-                queue.put_nowait(event)
-        for listener in listeners:
+                inbox.put_nowait(event)
+        for listener in route.listeners:
             listener.put_nowait((topic, payload))
-        return len(readers)
+        self._unyielded += 1
+        if self._unyielded >= _BATCH:
+            self._unyielded = 0
+            await asyncio.sleep(0)
+        return len(route.inboxes)
 
     def _route(self, topic: str) -> _Route:
         # Which queues a topic reaches, matched once per topic.
         route = self._routes.get(topic)
         if route is None:
-            route = (
-                [r.queue for r in self._readers if r.pattern.matches(topic)],
+            route = _Route(
+                [r.inbox for r in self._readers if r.pattern.matches(topic)],
                 [q for pattern, q in self._listeners if pattern.matches(topic)],
+                topic,
             )
             if len(self._routes) >= _MAX_ROUTES:
                 self._routes.clear()
@@ -223,4 +365,4 @@ class MemoryConnector(Connector):
     async def drain(self) -> None:
         """Wait until every queued event has been processed (for tests)."""
         for reader in self._readers:
-            await reader.queue.join()
+            await reader.inbox.join()
