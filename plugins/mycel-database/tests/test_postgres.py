@@ -731,6 +731,58 @@ async def test_deliver_many_fails_only_the_deliveries_at_fault(
     ]
 
 
+async def test_a_batch_of_a_known_shape_still_checks_each_payload(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    # Once a shape's plan is known, a batch of it is made column by column;
+    # a payload that differs (other keys, values to convert, not an object,
+    # another table) must still be caught and fail, or be converted, alone.
+    await pg.execute(ITEMS_TABLE)
+    await pg.execute("CREATE TABLE other (id int, label text)")
+    batches: list[list[Any]] = [
+        [{"id": 1, "label": "a"}, {"id": 2, "label": "b"}],
+        [{"id": 3, "label": "c"}, {"id": 4, "colour": "red"}, {"label": "e", "id": 5}],
+        [{"id": 40, "label": "x"}, {"id": 41, "label": "y", "colour": "red"}],
+        [{"id": 6, "label": "f"}, {"id": "7", "label": 7}],
+        [{"id": 8, "label": "h"}, {"label": "i", "id": 9}],
+        [{"id": 10, "label": "j"}, ["id", "label"]],
+    ]
+    async with running(config(pg_database, "")) as app:
+        connector = app.connector("db")
+        outcomes = [
+            outcome_texts(await connector.deliver_many(deliveries("items", batch)))
+            for batch in batches
+        ]
+        mixed = await connector.deliver_many(
+            deliveries("items", [{"id": 11, "label": "k"}])
+            + deliveries("other", [{"id": 12, "label": "l"}])
+        )
+    assert outcomes == [
+        [None, None],
+        [None, "table 'items' has no column 'colour'", None],
+        [None, "table 'items' has no column 'colour'"],
+        [None, None],
+        [None, None],
+        [None, "table 'items': the payload must be an object, not list"],
+    ]
+    assert mixed == [None, None]
+    rows = await pg.fetch("SELECT id, label FROM items ORDER BY id")
+    assert [tuple(r) for r in rows] == [
+        (1, "a"),
+        (2, "b"),
+        (3, "c"),
+        (5, "e"),
+        (6, "f"),
+        (7, "7"),
+        (8, "h"),
+        (9, "i"),
+        (10, "j"),
+        (11, "k"),
+        (40, "x"),
+    ]
+    assert await pg.fetchval("SELECT label FROM other WHERE id = 12") == "l"
+
+
 async def test_a_batch_of_events_is_one_transaction_and_one_bad_row_fails_alone(
     pg_database: str, pg: asyncpg.Connection
 ) -> None:

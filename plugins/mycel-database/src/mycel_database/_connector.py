@@ -60,20 +60,37 @@ _MAX_PLANS = 10_000
 _MAX_KINDS = 64
 
 
+def _plan_key(delivery: Delivery, payload: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What the plan for ``payload`` is cached under."""
+    return (delivery.target, delivery.operation, id(delivery.options), tuple(payload))
+
+
 class _Plan:
     """How payloads with one set of keys become rows of one statement."""
 
-    __slots__ = ("_clean", "_converters", "_get", "fields", "info", "statement")
+    __slots__ = (
+        "_checked",
+        "_clean",
+        "_converters",
+        "_get",
+        "every_key",
+        "fields",
+        "info",
+        "statement",
+    )
 
     def __init__(
         self,
         statement: Statement,
         fields: tuple[tuple[str, Converter | None], ...],
         info: TableInfo,
+        every_key: bool,
     ) -> None:
         self.statement = statement
         self.fields = fields
         self.info = info
+        self.every_key = every_key
+        """Whether every key of the payload is a field (none is skipped)."""
         names = [name for name, _ in fields]
         self._get: Callable[[Mapping[str, Any]], tuple[Any, ...]]
         if len(names) == 1:
@@ -84,8 +101,37 @@ class _Plan:
         else:
             self._get = lambda payload: ()
         self._converters = tuple(convert for _, convert in fields)
+        self._checked = tuple(
+            (position, convert)
+            for position, (_, convert) in enumerate(fields)
+            if convert is not None
+        )
+        """The fields whose values may need converting, by position."""
         self._clean: dict[tuple[type, ...], bool] = {}
         """Per tuple of value types: whether the values go as they are."""
+
+    def rows(self, payloads: Sequence[Any]) -> list[tuple[Any, ...]] | None:
+        """The rows of ``payloads``, made column by column; or None.
+
+        None unless each payload is a dict with exactly this plan's keys
+        (in any order) and no value needs converting: then :meth:`row` is
+        for each payload. Checking a column's value types in one go costs
+        a fraction of checking each row's.
+
+        """
+        if not self.every_key or set(map(type, payloads)) != {dict}:
+            return None
+        if set(map(len, payloads)) != {len(self.fields)}:
+            return None
+        try:
+            rows = list(map(self._get, payloads))
+        except KeyError:  # as many keys, not the same ones
+            return None
+        for position, convert in self._checked:
+            kinds = set(map(type, map(operator.itemgetter(position), rows)))
+            if not kinds <= convert.exact:
+                return None
+        return rows
 
     def row(self, payload: Mapping[str, Any]) -> tuple[Any, ...]:
         """The row for ``payload``; ValueError if a value cannot be bound.
@@ -276,23 +322,26 @@ class DatabaseConnector(Connector):
         too, as the batcher writes the rows of a failed batch one by one.
 
         """
-        outcomes: list[BaseException | None] = [None] * len(deliveries)
+        # The common case: one flow's events of one shape, values as they
+        # are; their rows are made in one go and written as one unit.
+        plan = self._known_plan(deliveries)
+        if plan is not None:
+            rows = plan.rows([delivery.payload for delivery in deliveries])
+            if rows is not None:
+                errors = await self._batcher.write_many(plan.statement, rows)
+                if any(error is not None for error in errors):
+                    self._forget(plan.statement.table)
+                return errors
 
         # Make each row, grouped by plan (rows of one plan share a statement);
         # the plan is cached per shape of payload.
+        outcomes: list[BaseException | None] = [None] * len(deliveries)
         groups: dict[_Plan, tuple[list[int], list[tuple[Any, ...]]]] = {}
         plans = self._plans
         for index, delivery in enumerate(deliveries):
             payload = delivery.payload
             plan = (
-                plans.get(
-                    (
-                        delivery.target,
-                        delivery.operation,
-                        id(delivery.options),
-                        tuple(payload),
-                    )
-                )
+                plans.get(_plan_key(delivery, payload))
                 if type(payload) is dict
                 else None
             )
@@ -328,6 +377,24 @@ class DatabaseConnector(Connector):
                 outcomes[index] = error
         return outcomes
 
+    def _known_plan(self, deliveries: Sequence[Delivery]) -> _Plan | None:
+        """The first delivery's cached plan, if every delivery goes where it goes."""
+        first = deliveries[0]
+        if len(deliveries) == 1 or type(first.payload) is not dict:
+            return None
+        plan = self._plans.get(_plan_key(first, first.payload))
+        if plan is None:
+            return None
+        target, operation, options = first.target, first.operation, first.options
+        if all(
+            delivery.target == target
+            and delivery.operation == operation
+            and delivery.options is options
+            for delivery in deliveries
+        ):
+            return plan
+        return None
+
     async def _row(self, delivery: Delivery) -> tuple[_Plan, tuple[Any, ...]]:
         """The delivery's plan and its row, converted for the driver."""
         payload = delivery.payload
@@ -340,12 +407,7 @@ class DatabaseConnector(Connector):
             )
 
         # How this shape of payload goes into its table, worked out once.
-        plan_key = (
-            delivery.target,
-            delivery.operation,
-            id(delivery.options),
-            tuple(payload),
-        )
+        plan_key = _plan_key(delivery, payload)
         plan = self._plans.get(plan_key)
         if plan is None:
             plan = await self._plan(delivery, payload)
@@ -386,7 +448,8 @@ class DatabaseConnector(Connector):
         fields = tuple(
             (name, self._backend.converter(info.columns[name])) for name in columns
         )
-        return _Plan(Statement(table, verb, columns, key), fields, info)
+        statement = Statement(table, verb, columns, key)
+        return _Plan(statement, fields, info, len(columns) == len(payload))
 
     def _target(self, target: str | None) -> TargetSpec:
         spec = self._targets.get(target or "")
