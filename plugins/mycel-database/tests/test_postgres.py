@@ -390,6 +390,22 @@ async def test_init_sql_creates_tables_at_start(
     assert [tuple(r) for r in rows] == [(5, "hi")]
 
 
+async def test_session_settings_of_init_sql_stay_out_of_the_writes(
+    pg_database: str, pg: asyncpg.Connection
+) -> None:
+    # init_sql runs on one pooled connection; a SET there must not decide
+    # where that one connection's rows go later.
+    await pg.execute("CREATE TABLE messages (channel_id int, text text)")
+    await pg.execute("CREATE SCHEMA elsewhere")
+    await pg.execute("CREATE TABLE elsewhere.messages (channel_id int, text text)")
+    extra = 'pool_size = 1\n init_sql = "SET search_path TO elsewhere"'
+    async with running(config(pg_database, HANDLE_WS_MESSAGE, extra=extra)) as app:
+        await app.publish("ws", "message", {"channel_id": 5, "text": "hi"})
+        await settle(app)
+    assert await pg.fetchval("SELECT count(*) FROM public.messages") == 1
+    assert await pg.fetchval("SELECT count(*) FROM elsewhere.messages") == 0
+
+
 async def test_host_settings_and_masked_password(pg_database: str) -> None:
     name = pg_database.rsplit("/", 1)[1]
     text = f"""

@@ -101,6 +101,7 @@ class PostgresBackend:
             max_size=settings.pool_size,
             timeout=settings.connect_timeout,
             init=_init_connection,
+            reset=_keep_session,
         )
 
     async def close(self) -> None:
@@ -116,6 +117,9 @@ class PostgresBackend:
     async def run_script(self, sql: str) -> None:
         async with self.pool.acquire() as conn:
             await conn.execute(sql)
+            # What the script set for its session (SET, LISTEN) must not
+            # stay on one pooled connection: see _keep_session.
+            await conn.reset()
 
     async def table_info(self, table: TableName) -> TableInfo | None:
         try:
@@ -181,6 +185,17 @@ class PostgresBackend:
                 f"table {str(statement.table)!r}: connection failed: "
                 f"{type(exc).__name__}: {exc}"
             ) from exc
+
+
+async def _keep_session(conn: asyncpg.Connection) -> None:
+    """What the pool does to a connection handed back: nothing more.
+
+    asyncpg rolls back a transaction left open either way; its default
+    reset also sends ``RESET ALL``, ``UNLISTEN *`` and the like, one round
+    trip per batch written, for session state that the connector's own
+    statements never change (``init_sql``, which may, is reset in full).
+
+    """
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
