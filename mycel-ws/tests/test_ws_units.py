@@ -7,6 +7,7 @@ import decimal
 import uuid
 
 import pytest
+from websockets.frames import Frame, Opcode
 
 import mycel_ws
 from mycel.testing import free_port, running
@@ -17,7 +18,7 @@ from mycel_ws import (
     parse_frame,
     query_params,
 )
-from mycel_ws._frames import encode, message_frame
+from mycel_ws._frames import encode, message_frame, text_frame
 from testsupport.ws import ws_config
 
 
@@ -88,6 +89,14 @@ def test_message_frames_encode_values_json_lacks() -> None:
         ).encode()
     )
     assert message_frame(None, 1) == b'{"type":"message","data":1}'
+
+
+@pytest.mark.parametrize("size", [0, 125, 126, 65_535, 65_536, 70_000])
+def test_text_frame_is_what_websockets_would_send(size: int) -> None:
+    # The three length encodings of RFC 6455, either side of each limit.
+    payload = b"y" * size
+    expected = Frame(Opcode.TEXT, payload).serialize(mask=False)
+    assert text_frame(payload) == expected
 
 
 def test_encode_names_the_type_it_cannot_send() -> None:

@@ -23,6 +23,7 @@ import base64
 import datetime
 import decimal
 import json
+import struct
 import uuid
 from dataclasses import dataclass
 from typing import Any
@@ -37,6 +38,7 @@ __all__ = [
     "message_frame",
     "parse_frame",
     "room_frame",
+    "text_frame",
 ]
 
 MAX_ROOM_LENGTH = 200
@@ -133,6 +135,23 @@ def message_frame(room: str | None, data: Any) -> bytes:
     if room is None:
         return encode({"type": "message", "data": data})
     return encode({"type": "message", "room": room, "data": data})
+
+
+def text_frame(payload: bytes) -> bytes:
+    """``payload`` as one WebSocket text frame, the way a server sends it.
+
+    Unfragmented and unmasked (RFC 6455, section 5.2), with no extension:
+    the bytes websockets would write for ``send_text(payload)`` on a
+    connection without compression, built once for every client.
+    """
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x81, length)
+    elif length < 65536:
+        head = struct.pack("!BBH", 0x81, 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x81, 127, length)
+    return head + payload
 
 
 def room_frame(kind: str, room: str) -> bytes:

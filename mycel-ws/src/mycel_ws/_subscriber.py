@@ -2,15 +2,17 @@
 
 The hub calls :meth:`WsSubscriber.offer` for every message that reaches a
 client. While the connection's transport buffer is below websockets'
-``write_limit``, the already encoded frame goes straight into the
-connection, as :func:`websockets.asyncio.server.broadcast` does: no task,
-no queue. The bytes reach the socket at the end of the current event loop
-iteration (:class:`mycel.WriteBatch`), so that a burst of events costs one write
-per client rather than one per event and client. Once
-the buffer is full (the client reads slower than we write), messages wait in
-a queue of at most ``send_queue`` messages that a short-lived task drains in
-order; a client whose queue overflows is closed as a slow consumer, so it
-never holds up the others.
+``write_limit``, the message's frame goes straight into the connection, as
+:func:`websockets.asyncio.server.broadcast` does: no task, no queue. The
+frame's bytes, header included, are built once per message and shared by
+every client without compression (with it, each client's own deflate
+context encodes it, through websockets). The bytes reach the socket at the
+end of the current event loop iteration (:class:`mycel.WriteBatch`), so
+that a burst of events costs one write per client rather than one per event
+and client. Once the buffer is full (the client reads slower than we
+write), messages wait in a queue of at most ``send_queue`` messages that a
+short-lived task drains in order; a client whose queue overflows is closed
+as a slow consumer, so it never holds up the others.
 
 """
 
@@ -28,14 +30,23 @@ from websockets.protocol import State
 
 from mycel import Hub, Message, Subscriber, WriteBatch
 
-from ._frames import message_frame
+from ._frames import message_frame, text_frame
 
-__all__ = ["FRAME_CACHE_KEY", "SLOW_CONSUMER", "WsSubscriber", "write_failed"]
+__all__ = [
+    "FRAME_CACHE_KEY",
+    "SLOW_CONSUMER",
+    "WIRE_CACHE_KEY",
+    "WsSubscriber",
+    "write_failed",
+]
 
 logger = logging.getLogger("mycel.ws")
 
 FRAME_CACHE_KEY = "ws"
-"""Key of the encoded frame in :attr:`mycel.Message.cache`."""
+"""Key of the encoded frame (its JSON) in :attr:`mycel.Message.cache`."""
+
+WIRE_CACHE_KEY = "ws-wire"
+"""Key of the same frame as a WebSocket text frame, header included."""
 
 SLOW_CONSUMER = "slow consumer"
 """Start of the close reason of a client that could not keep up."""
@@ -54,7 +65,7 @@ def write_failed(subscriber: WsSubscriber, error: Exception) -> None:
 class WsSubscriber(Subscriber):
     """One WebSocket client in the hub; see the module docstring."""
 
-    __slots__ = ("_batch", "_batched", "_flusher", "_pending", "connection")
+    __slots__ = ("_batch", "_batched", "_flusher", "_pending", "_wire", "connection")
 
     def __init__(
         self,
@@ -74,6 +85,9 @@ class WsSubscriber(Subscriber):
         # Created on first need: most clients never fall behind.
         self._pending: deque[bytes] | None = None
         self._flusher: asyncio.Task[None] | None = None
+        # Shared frames written at the end of this iteration; None when an
+        # extension (compression) makes each client's frames its own.
+        self._wire: list[bytes] | None = None if connection.protocol.extensions else []
 
     @property
     def depth(self) -> int:
@@ -96,7 +110,14 @@ class WsSubscriber(Subscriber):
 
         # Fast path: nothing queued and room in the transport buffer.
         if self._flusher is None and not connection.paused:
-            connection.protocol.send_text(data)
+            wire = self._wire
+            if wire is None:
+                connection.protocol.send_text(data)
+            else:
+                frame: bytes | None = message.cache.get(WIRE_CACHE_KEY)
+                if frame is None:
+                    frame = message.cache[WIRE_CACHE_KEY] = text_frame(data)
+                wire.append(frame)
             if not self._batched:
                 self._batched = True
                 self._batch.add(self)
@@ -115,10 +136,20 @@ class WsSubscriber(Subscriber):
         return True
 
     def write_out(self) -> None:
-        """Write the frames :meth:`offer` left in the connection, in one go."""
+        """Write the frames :meth:`offer` left, in one go.
+
+        Shared frames offered in the loop iteration in which the connection
+        began to close are dropped: no data frame may follow a close frame.
+        """
         self._batched = False
         connection = self.connection
         chunks = connection.protocol.data_to_send()
+        wire = self._wire
+        if wire:
+            # Not once a close frame went out: no data frame may follow it.
+            if connection.protocol.state is State.OPEN:
+                chunks += wire
+            wire.clear()
         if not chunks:
             return  # websockets wrote them already, with a frame of its own
         if all(chunks):
