@@ -251,7 +251,7 @@ async def test_slow_client_is_closed_and_the_others_get_everything() -> None:
         url = f"ws://127.0.0.1:{port}/ws"
         async with connect(url) as slow, connect(url) as fast:
             # slow never reads until the server gave up on it.
-            received = []
+            received: list[int] = []
             for n in range(count):
                 await app.publish("mem", "in", {"n": n, "pad": "x" * size})
                 if n % 10 == 9:
@@ -270,24 +270,39 @@ async def test_slow_client_is_closed_and_the_others_get_everything() -> None:
             )
 
 
-async def test_a_stalled_reader_is_found_after_the_send_buffer_fills() -> None:
-    # send_buffer (256 KB by default) caps what the kernel holds for a
-    # client; with autotuning it could hold up to tcp_wmem's 4 MB, which
-    # the server would have to push before it could tell.
+async def stalled_reader(port: int) -> socket.socket:
+    """A handshake over a raw socket that will never read again."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", port))
+    await loop.sock_sendall(
+        sock,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n",
+    )
+    assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+    return sock
+
+
+@pytest.mark.parametrize(
+    ("settings", "most"),
+    [("", 400_000), ("unsent_limit = null", 1_500_000)],
+)
+async def test_a_stalled_reader_is_found_once_the_kernel_holds_its_share(
+    settings: str, most: int
+) -> None:
+    # unsent_limit (64 KB by default) caps what the kernel takes for a
+    # client that does not read; without it, all of send_buffer (256 KB,
+    # which Linux doubles), and with autotuning up to tcp_wmem's 4 MB,
+    # which the server would have to copy before it could tell. Then come
+    # websockets' 32 KB write limit and send_queue (5 messages of 16 KB).
     port = free_port()
-    async with running(ws_config(port, "send_queue = 5", BROADCAST)) as app:
-        loop = asyncio.get_running_loop()
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        await loop.sock_connect(sock, ("127.0.0.1", port))
-        await loop.sock_sendall(
-            sock,
-            b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n",
-        )
-        assert (await loop.sock_recv(sock, 4096)).startswith(b"HTTP/1.1 101")
+    config = ws_config(port, f"send_queue = 5\n {settings}", BROADCAST)
+    async with running(config) as app:
+        sock = await stalled_reader(port)
         try:
             connector = app.runtime.connectors["ws"]
             await eventually(lambda: connector.connection_count == 1)  # type: ignore[attr-defined]
@@ -297,9 +312,32 @@ async def test_a_stalled_reader_is_found_after_the_send_buffer_fills() -> None:
                 await app.publish("mem", "in", {"pad": "x" * size})
                 await asyncio.sleep(0.005)
                 sent += size
-                assert sent < 1_500_000, "the stalled reader was not found"
+                assert sent < most, "the stalled reader was not found"
         finally:
             sock.close()
+
+
+@pytest.mark.skipif(
+    not hasattr(socket, "TCP_NOTSENT_LOWAT"), reason="no TCP_NOTSENT_LOWAT here"
+)
+@pytest.mark.parametrize(
+    ("settings", "value"),
+    [("", 65_536), ("unsent_limit = 16384", 16_384), ("unsent_limit = null", 0)],
+)
+async def test_unsent_limit_is_set_on_every_connection(
+    settings: str, value: int
+) -> None:
+    port = free_port()
+    async with (
+        running(ws_config(port, settings)) as app,
+        connect(f"ws://127.0.0.1:{port}/ws"),
+    ):
+        connector = app.runtime.connectors["ws"]
+        await eventually(lambda: connector.connection_count == 1)  # type: ignore[attr-defined]
+        (connection,) = connector._open  # type: ignore[attr-defined]
+        sock = connection.transport.get_extra_info("socket")
+        option = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+        assert option == value
 
 
 async def test_dead_client_is_found_by_ping_and_closed() -> None:

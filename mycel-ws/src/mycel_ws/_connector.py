@@ -179,11 +179,19 @@ class WebSocketConnector(Connector):
                 f"connector {self.name!r}: cannot listen on "
                 f"{settings.host}:{settings.port}: {reason}"
             ) from exc
-        if settings.send_buffer is not None:
-            # Linux copies it from the listening socket to every accepted one.
-            for sock in self._server.sockets:
+        # Linux copies both from the listening socket to every accepted one.
+        for sock in self._server.sockets:
+            if settings.send_buffer is not None:
                 sock.setsockopt(
                     socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer
+                )
+            if settings.unsent_limit is not None and hasattr(
+                socket, "TCP_NOTSENT_LOWAT"
+            ):
+                sock.setsockopt(
+                    socket.IPPROTO_TCP,
+                    socket.TCP_NOTSENT_LOWAT,
+                    settings.unsent_limit,
                 )
         logger.info(
             "connector %r listening on ws://%s:%d%s",

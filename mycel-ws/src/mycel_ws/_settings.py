@@ -43,12 +43,26 @@ class WebSocketSettings(Settings):
     """The kernel's send buffer of each connection (``SO_SNDBUF``), bytes;
     null leaves it to the kernel's autotuning.
 
-    A client that stops reading is found out only once this buffer is full
-    and then ``send_queue`` overflows. Autotuning lets the buffer grow to
-    ``net.ipv4.tcp_wmem``'s maximum (4 MB on most Linux systems), which a
-    stalled client makes the server fill and hold for nothing; the default
-    still sends 256 KB ahead per client, ample for real-time messages
-    unless a client is far away and the messages are large.
+    It bounds what may be on the network, sent and not yet acknowledged,
+    for one client; ``unsent_limit`` bounds what of it may wait unsent.
+    Autotuning lets the buffer grow to ``net.ipv4.tcp_wmem``'s maximum
+    (4 MB on most Linux systems); the default still sends 256 KB ahead per
+    client, ample for real-time messages unless a client is far away and
+    the messages are large.
+    """
+
+    unsent_limit: int | None = Field(default=65_536, ge=4096)
+    """Bytes of a connection's ``send_buffer`` that may wait there unsent
+    (``TCP_NOTSENT_LOWAT``; Linux and macOS, ignored elsewhere); null: all
+    of it.
+
+    Bytes on the network, sent and not yet acknowledged, do not count, so a
+    client far away still gets ``send_buffer`` in flight. A client that
+    stops reading lets nothing more onto the network: this is what the
+    kernel takes for it before further messages wait in ``send_queue``, and
+    the client is found out when that overflows. Without the limit the
+    server would first copy a whole ``send_buffer`` into the kernel for it,
+    which, for many such clients at once, holds up everyone else.
     """
 
     allowed_origins: list[str] | None = None
