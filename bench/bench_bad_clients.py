@@ -27,12 +27,20 @@ second for ``SECONDS`` seconds, after a warm-up that is not counted):
   they join, not a per-client filter, whose evaluation for all 1,000
   clients per bulk message would cost more than the writes) in the first
   second of the phase, on their own schedule so that they never hold up a
-  tick: a server cannot tell a reader that stopped until the kernel's
-  buffers are full (the connector's ``send_buffer``, 256 KB by default,
-  which Linux doubles), and then its ``send_queue`` (20). Pushing that is
-  work the server does in its one event loop, and the good clients feel it
-  while it lasts: the figures say how much, and the one "once the bad ones
-  were closed" says whether it ends.
+  tick: a server cannot tell a reader that stopped until the kernel holds
+  what it will take for it (the connector's ``unsent_limit``, 64 KB by
+  default, of bytes not yet sent), and then its ``send_queue`` (20)
+  overflows. Pushing that is work the server does in its one event loop,
+  and the good clients feel it while it lasts: the figures say how much,
+  and the one "once the bad ones were closed" says whether it ends.
+
+So that the phases differ only in their clients, each of them polls the
+server's ``/metrics`` as the one with bad clients does (four times a
+second), the server's keep-alive pings (``ping_interval``) fall in none of
+them, and neither the good clients' process nor this one (the publisher)
+runs Python's garbage collector: its pauses, tens of milliseconds once
+the samples pile up, would count as the server's latency in whichever
+phase they happened to fall.
 
 The latency ratio is baseline / with (higher is better; 1.0 means the bad
 clients cost the good ones nothing). After the phase, the server's
@@ -50,6 +58,7 @@ cost of their being bad alone.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import multiprocessing
 import os
@@ -155,6 +164,9 @@ def good_process(port: int, pipe: Connection) -> None:
             task.cancel()
 
     raise_fd_limit()
+    # No collector pauses here (tens of milliseconds once the samples pile
+    # up): they would be counted as the server's latency.
+    gc.disable()
     asyncio.run(main())
 
 
@@ -223,7 +235,7 @@ connector "ws" {{
   port            = {port}
   send_queue      = 20
   close_timeout   = "1s"
-  ping_interval   = "20s"
+  ping_interval   = "120s"
   ping_timeout    = "20s"
   max_connections = 2000
 }}
@@ -388,20 +400,25 @@ MARKS: dict[str, float] = {}
 """Seconds from the start of the phase with bad clients to each milestone."""
 
 
-async def watch(mycel: Mycel, started: float) -> None:
-    """Note when the server's gauges pass the milestones of MARKS."""
+async def watch(mycel: Mycel, started: float, marks: dict[str, float]) -> None:
+    """Note when the server's gauges pass the milestones of ``marks``.
+
+    It runs in every phase (into a dict nobody reads but in the phase with
+    bad clients), so that all of them pay the same for the server's
+    ``/metrics``.
+    """
     while True:
         subscribers = await mycel.metric("mycel_subscribers")
         dropped = await mycel.metric("mycel_slow_consumers_dropped_total")
         now = time.monotonic() - started
         if subscribers <= GOOD + STALLED:
-            MARKS.setdefault("subscribers <= 900", now)
+            marks.setdefault("subscribers <= 900", now)
         if subscribers <= GOOD:
-            MARKS.setdefault("subscribers = 800", now)
+            marks.setdefault("subscribers = 800", now)
         if dropped >= 1:
-            MARKS.setdefault("first slow consumer dropped", now)
+            marks.setdefault("first slow consumer dropped", now)
         if dropped >= STALLED:
-            MARKS.setdefault("100th slow consumer dropped", now)
+            marks.setdefault("100th slow consumer dropped", now)
         await asyncio.sleep(0.25)
 
 
@@ -419,8 +436,10 @@ async def scenario(mycel: Mycel, pipe: Connection) -> dict[str, Any]:
     collect(pipe, WARMUP * per_tick)
 
     cpu = mycel.cpu()
+    timeline = asyncio.create_task(watch(mycel, time.monotonic(), {}))
     late_before = await publish(mycel, ticks)
     cpu_before = mycel.cpu() - cpu
+    timeline.cancel()
     baseline, ended_before = collect(pipe, ticks * per_tick)
 
     # The control: the same bulk traffic to 100 clients that do read it.
@@ -438,8 +457,10 @@ async def scenario(mycel: Mycel, pipe: Connection) -> dict[str, Any]:
     drains = [asyncio.create_task(drain(sock)) for sock in readers]
     await mycel.wait_metric("mycel_subscribers", GOOD + STALLED, 30)
     cpu = mycel.cpu()
+    timeline = asyncio.create_task(watch(mycel, time.monotonic(), {}))
     late_control = await publish(mycel, ticks, bulk=BULK_MESSAGES)
     cpu_control = mycel.cpu() - cpu
+    timeline.cancel()
     control, _ = await loop.run_in_executor(None, collect, pipe, ticks * per_tick)
     drained = sum(await asyncio.gather(*drains))
     await mycel.wait_metric("mycel_subscribers", GOOD, 30)
@@ -466,7 +487,7 @@ async def scenario(mycel: Mycel, pipe: Connection) -> dict[str, Any]:
     all_in = await mycel.wait_metric("mycel_subscribers", total, 30)
     started, cpu = time.monotonic(), mycel.cpu()
     wall = time.time()
-    timeline = asyncio.create_task(watch(mycel, started))
+    timeline = asyncio.create_task(watch(mycel, started, MARKS))
     late_after = await publish(mycel, ticks, bulk=BULK_MESSAGES, vanishing=vanishing)
     cpu_after = mycel.cpu() - cpu
     with_bad, ended_after = await loop.run_in_executor(
@@ -612,7 +633,9 @@ def main() -> None:
         clients.start()
         assert parent.poll(120), "the good clients did not connect"
         parent.recv()
+        gc.disable()  # nor in the publisher, whose delays count too
         result = asyncio.run(scenario(mycel, parent))
+        gc.enable()
         parent.send("close")
         clients.join(30)
     finally:
