@@ -124,7 +124,7 @@ connector "ws" {{
             await rabbit.publish("ticks", {"n": n, "sent": time.time(), "pad": PAD})
             if n < 100:
                 # Only the stalled clients get these: enough to fill the
-                # kernel's buffers (send_buffer) and then their send queue.
+                # kernel's share (unsent_limit) and then their send queue.
                 await rabbit.publish("bulk", {"bulk": BULK})
         results = await asyncio.gather(*readers)
         assert all(seen == list(range(MESSAGES)) for seen in results)

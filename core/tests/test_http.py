@@ -137,11 +137,42 @@ def test_send_buffer_is_set_on_the_listening_socket() -> None:
 
     from mycel import AsgiServer
 
-    capped = AsgiServer(object(), "127.0.0.1", 0, send_buffer=65536)._bind()
+    capped = AsgiServer(
+        object(), "127.0.0.1", 0, send_buffer=65536, unsent_limit=16384
+    )._bind()
     default = AsgiServer(object(), "127.0.0.1", 0)._bind()
     try:
         assert capped.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65536
         assert default.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) != 2 * 65536
+        lowat = socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT
+        assert capped.getsockopt(*lowat) == 16384
+        assert default.getsockopt(*lowat) == 0
     finally:
         capped.close()
         default.close()
+
+
+async def test_accepted_connections_inherit_the_send_limits() -> None:
+    # What limit_sending documents: Linux copies both from the listener.
+    import socket
+
+    from mycel import limit_sending
+
+    accepted: asyncio.Queue[socket.socket] = asyncio.Queue()
+
+    def keep(_reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.put_nowait(writer.get_extra_info("socket"))
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    limit_sending(listener, 65536, 16384)
+    server = await asyncio.start_server(keep, sock=listener)
+    port = listener.getsockname()[1]
+    _, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        sock = await asyncio.wait_for(accepted.get(), 5)
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == 2 * 65536
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT) == 16384
+    finally:
+        writer.close()
+        server.close()

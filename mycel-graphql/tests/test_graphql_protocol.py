@@ -293,11 +293,17 @@ async def test_graphql_transport_ws_is_preferred_when_both_are_offered() -> None
         assert ws.subprotocol == "graphql-transport-ws"
 
 
-async def test_slow_subscriber_is_dropped_without_slowing_others() -> None:
+@pytest.mark.parametrize(("limit", "most"), [("", 12), ("unsent_limit = null", 20)])
+async def test_slow_subscriber_is_dropped_without_slowing_others(
+    limit: str, most: int
+) -> None:
     big = "x" * 256_000
     port = free_port()
     config = FLOWS.format(
-        port=port, extra="queue_size = 5", init_timeout="3s", keepalive="0s"
+        port=port,
+        extra=f"queue_size = 5\n {limit}",
+        init_timeout="3s",
+        keepalive="0s",
     )
     url = f"ws://127.0.0.1:{port}/graphql/ws"
     # The slow client reads nothing: its socket and buffers fill up.
@@ -329,6 +335,10 @@ async def test_slow_subscriber_is_dropped_without_slowing_others() -> None:
             message = await fast.recv()
             assert message["payload"]["data"]["priceChanged"]["n"] == sent
             sent += 1
+        # What the kernel takes for it before the server's buffer and the
+        # queue fill: unsent_limit (64 KB) by default, all of send_buffer
+        # (256 KB, doubled) without it: 11 and 16 of these events here.
+        assert sent <= most
         assert slow_sub.close_reason == "slow consumer: send queue full (5 messages)"
         assert not fast_sub.closed
         await app.publish("mem", "prices", {"n": sent, "big": ""})

@@ -50,6 +50,7 @@ def test_defaults_and_durations() -> None:
         "history_ttl": 300.0,
         "send_queue": 1000,
         "send_buffer": 262144,
+        "unsent_limit": 65536,
         "send_timeout": 10.0,
         "max_query_length": 2048,
         "cors": None,

@@ -7,7 +7,7 @@ is importable from here; modules whose names start with ``_`` are private.
 
 from __future__ import annotations
 
-from ._asgi import AsgiServer
+from ._asgi import AsgiServer, limit_sending
 from ._auth import (
     ANONYMOUS,
     CLOSE_TOKEN_EXPIRED,
@@ -110,6 +110,7 @@ __all__ = [
     "build_context",
     "check_origin",
     "hookimpl",
+    "limit_sending",
     "load_config",
     "load_config_text",
     "load_plugins",

@@ -21,7 +21,31 @@ import uvicorn
 
 from .errors import ConnectorError
 
-__all__ = ["AsgiServer"]
+__all__ = ["AsgiServer", "limit_sending"]
+
+
+def limit_sending(
+    sock: socket.socket, send_buffer: int | None, unsent_limit: int | None
+) -> None:
+    """Bound what the kernel holds for each connection ``sock`` accepts.
+
+    Set on a listening socket, Linux copies both options to every
+    connection it accepts. ``send_buffer`` is the kernel's send buffer
+    (``SO_SNDBUF``, which Linux doubles), bytes sent and not yet
+    acknowledged included; ``unsent_limit`` is how much of it may wait
+    unsent (``TCP_NOTSENT_LOWAT``, where the platform has it; elsewhere it
+    is ignored). None leaves either to the kernel.
+
+    The second is what lets a server find a client that stopped reading
+    early: once that much waits for it, the kernel takes no more, the
+    server's own buffer for it fills and its send queue overflows. Bytes
+    in flight do not count, so a client far away that does read still
+    gets ``send_buffer`` on the network.
+    """
+    if send_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer)
+    if unsent_limit is not None and hasattr(socket, "TCP_NOTSENT_LOWAT"):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, unsent_limit)
 
 
 class _Server(uvicorn.Server):
@@ -36,9 +60,9 @@ class AsgiServer:
 
     ``port=0`` binds a free port; :attr:`port` tells which once started.
     ``reuse_port`` sets SO_REUSEPORT so that several processes can share the
-    port. ``send_buffer`` sets the kernel's send buffer (SO_SNDBUF) of
-    every accepted connection, in bytes (Linux copies it from the listening
-    socket); None leaves it to autotuning. Extra keyword arguments go to
+    port. ``send_buffer`` and ``unsent_limit`` bound what the kernel holds
+    for every accepted connection (see :func:`limit_sending`); None leaves
+    them to the kernel. Extra keyword arguments go to
     :class:`uvicorn.Config`.
 
     """
@@ -51,12 +75,14 @@ class AsgiServer:
         *,
         reuse_port: bool = False,
         send_buffer: int | None = None,
+        unsent_limit: int | None = None,
         **options: Any,
     ) -> None:
         self.host = host
         self.port = port
         self._reuse_port = reuse_port
         self._send_buffer = send_buffer
+        self._unsent_limit = unsent_limit
         options.setdefault("log_level", "warning")
         options.setdefault("lifespan", "off")
         options.setdefault("access_log", False)
@@ -74,8 +100,7 @@ class AsgiServer:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self._reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if self._send_buffer is not None:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self._send_buffer)
+        limit_sending(sock, self._send_buffer, self._unsent_limit)
         try:
             sock.bind((self.host, self.port))
         except OSError as exc:

@@ -94,6 +94,7 @@ class GraphqlServer:
             ws=FrameProtocol,
             reuse_port=self.services.reuse_port,
             send_buffer=self.settings.send_buffer,
+            unsent_limit=self.settings.unsent_limit,
         )
         await self._server.start()
         host, port = self.settings.host, self._server.port

@@ -31,6 +31,7 @@ _SERVER_ONLY = (
     "playground",
     "queue_size",
     "send_buffer",
+    "unsent_limit",
     "allowed_origins",
     "auth",
 )
@@ -108,9 +109,16 @@ class GraphqlSettings(mycel.Settings):
 
     send_buffer: int | None = Field(default=262_144, ge=4096)
     """Server: the kernel's send buffer of each connection (``SO_SNDBUF``),
-    bytes; null leaves it to the kernel's autotuning (up to 4 MB). A client
-    that stops reading is found out once this and ``queue_size`` are full.
-    """
+    bytes, sent and not yet acknowledged included; null leaves it to the
+    kernel's autotuning (up to 4 MB)."""
+
+    unsent_limit: int | None = Field(default=65_536, ge=4096)
+    """Server: bytes of a connection's ``send_buffer`` that may wait there
+    unsent (``TCP_NOTSENT_LOWAT``; Linux and macOS, ignored elsewhere);
+    null: all of it. A client that stops reading is found out once this,
+    the server's write buffer and ``queue_size`` are full; without the
+    limit the server first copies a whole ``send_buffer`` into the kernel
+    for it."""
 
     subscriptions: SubscriptionSettings = SubscriptionSettings()
     """The ``subscriptions { ... }`` block."""

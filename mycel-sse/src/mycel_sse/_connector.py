@@ -187,6 +187,7 @@ class SseConnector(Connector):
             settings.port,
             reuse_port=self.services.reuse_port,
             send_buffer=settings.send_buffer,
+            unsent_limit=settings.unsent_limit,
         )
         if self._backplane is not None:
             self._follower = asyncio.create_task(self._follow())

@@ -98,10 +98,24 @@ class SseSettings(Settings):
     """The kernel's send buffer of each connection (``SO_SNDBUF``), bytes;
     null leaves it to the kernel's autotuning.
 
-    A client that stops reading is found out only once this buffer is full
-    (then ``send_queue`` fills). Autotuning lets it grow to
-    ``net.ipv4.tcp_wmem``'s maximum (4 MB on most Linux systems), which a
-    stalled client makes the server fill for nothing.
+    It bounds what may be on the network, sent and not yet acknowledged,
+    for one client; ``unsent_limit`` bounds what of it may wait unsent.
+    Autotuning lets it grow to ``net.ipv4.tcp_wmem``'s maximum (4 MB on
+    most Linux systems).
+    """
+
+    unsent_limit: int | None = Field(default=65_536, ge=4096)
+    """Bytes of a connection's ``send_buffer`` that may wait there unsent
+    (``TCP_NOTSENT_LOWAT``; Linux and macOS, ignored elsewhere); null: all
+    of it.
+
+    A client that stops reading is found out once this much waits in the
+    kernel for it, the server's own write buffer is full and then
+    ``send_queue`` fills (or ``send_timeout`` passes). Without the limit
+    the server would first copy a whole ``send_buffer`` into the kernel
+    for it, which, for many such clients at once, holds up everyone else.
+    Bytes in flight do not count, so a client far away still gets
+    ``send_buffer`` on the network.
     """
 
     send_timeout: Duration = Field(default=10.0, gt=0)

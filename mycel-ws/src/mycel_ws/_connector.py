@@ -29,7 +29,6 @@ import functools
 import http
 import logging
 import os
-import socket
 from dataclasses import dataclass
 from http.cookies import CookieError, SimpleCookie
 from typing import Any
@@ -59,6 +58,7 @@ from mycel import (
     Subscriber,
     WriteBatch,
     check_origin,
+    limit_sending,
 )
 
 from ._context import connection_context, query_params
@@ -179,20 +179,8 @@ class WebSocketConnector(Connector):
                 f"connector {self.name!r}: cannot listen on "
                 f"{settings.host}:{settings.port}: {reason}"
             ) from exc
-        # Linux copies both from the listening socket to every accepted one.
         for sock in self._server.sockets:
-            if settings.send_buffer is not None:
-                sock.setsockopt(
-                    socket.SOL_SOCKET, socket.SO_SNDBUF, settings.send_buffer
-                )
-            if settings.unsent_limit is not None and hasattr(
-                socket, "TCP_NOTSENT_LOWAT"
-            ):
-                sock.setsockopt(
-                    socket.IPPROTO_TCP,
-                    socket.TCP_NOTSENT_LOWAT,
-                    settings.unsent_limit,
-                )
+            limit_sending(sock, settings.send_buffer, settings.unsent_limit)
         logger.info(
             "connector %r listening on ws://%s:%d%s",
             self.name,
