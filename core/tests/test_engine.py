@@ -297,6 +297,7 @@ class Picky(Connector):
 
     ``fail = "always"`` is refused permanently, ``fail = "once"`` only on
     its first try; ``broken`` raises an error that is no DeliveryError.
+    ``wait`` seconds pass before each try is decided.
 
     """
 
@@ -313,6 +314,8 @@ class Picky(Connector):
     async def deliver(self, delivery: Delivery) -> None:
         n = delivery.payload["n"]
         self.tries[n] = self.tries.get(n, 0) + 1
+        if "wait" in delivery.payload:
+            await asyncio.sleep(delivery.payload["wait"])
         fail = delivery.payload.get("fail")
         if fail == "broken":
             raise RuntimeError(f"bug on {n}")
@@ -446,6 +449,43 @@ async def test_process_many_with_a_transform_runs_each_event_on_its_own() -> Non
         ]
         assert sample(app, "mycel_events_in_total", flow="f") == 2
         assert sample(app, "mycel_events_failed_total", flow="f") == 1
+
+
+async def test_process_many_ordered_retries_the_failed_in_order() -> None:
+    # The first try is one batch; of the two that fail, the first is slower
+    # to retry, and still lands first.
+    events = [
+        Event({"n": 1, "fail": "once", "wait": 0.05}),
+        Event({"n": 2}),
+        Event({"n": 3, "fail": "once"}),
+    ]
+    async with running(picky_config(), plugins=PICKY_PLUGINS) as app:
+        flow = app.runtime.flows["f"]
+        outcomes = await flow.process_many(events, ordered=True)
+        picky = picky_of(app)
+        assert outcomes == [None] * 3
+        assert picky.batches == [[1, 2, 3]]
+        assert picky.delivered == [2, 1, 3]
+
+        # Unordered, the retries run at once and the quicker lands first.
+        picky.delivered.clear()
+        picky.tries.clear()
+        await flow.process_many(events)
+        assert picky.delivered == [2, 3, 1]
+
+
+async def test_process_many_ordered_runs_each_event_after_the_one_before() -> None:
+    # With a transform there is no batch: one event at a time, in order.
+    text = picky_config('transform { n = "input.n"  wait = "input.wait" }')
+    events = [Event({"n": 1, "wait": 0.05}), Event({"n": 2, "wait": 0.0})]
+    async with running(text, plugins=PICKY_PLUGINS) as app:
+        flow = app.runtime.flows["f"]
+        assert await flow.process_many(events, ordered=True) == [None, None]
+        picky = picky_of(app)
+        assert picky.delivered == [1, 2]
+        picky.delivered.clear()
+        assert await flow.process_many(events) == [None, None]
+        assert picky.delivered == [2, 1]
 
 
 async def test_memory_source_hands_queued_events_over_together() -> None:

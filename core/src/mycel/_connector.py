@@ -299,10 +299,12 @@ class Connector:
         Called by the engine when a source hands a flow several ready events
         at once (:meth:`FlowHandle.process_many`) and the flow evaluates
         nothing per event. ``deliveries`` are in the order the source took
-        the events. Return a list as long as ``deliveries``: None where the
-        delivery succeeded (with the same meaning as :meth:`deliver`
-        returning: committed, for a durable target), else the exception
-        :meth:`deliver` would have raised for it, a
+        the events; an override applies them in that order, since an
+        ordered source (CDC) hands batches only to a target that overrides
+        this, and relies on it. Return a list as long as ``deliveries``:
+        None where the delivery succeeded (with the same meaning as
+        :meth:`deliver` returning: committed, for a durable target), else
+        the exception :meth:`deliver` would have raised for it, a
         :class:`mycel.DeliveryError` as a rule. One delivery's failure must
         not fail the others; the engine retries only those that failed, one
         by one through :meth:`deliver`.

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._connector import Connector, Delivery, Event
@@ -192,7 +192,9 @@ class FlowHandle:
         finally:
             in_flight.leave()
 
-    async def process_many(self, events: Sequence[Event]) -> list[FlowError | None]:
+    async def process_many(
+        self, events: Sequence[Event], *, ordered: bool = False
+    ) -> list[FlowError | None]:
         """Run the flow for several events; one outcome per event, in order.
 
         For a source that has several events ready at once. Each outcome is
@@ -207,12 +209,19 @@ class FlowHandle:
         raised, or returned the wrong number of outcomes, every delivery
         failed: a connector bug, logged by the retry). Any other flow runs
         :meth:`process` for each event concurrently. Either way the events
-        are started in order but may finish in any order: a source that
-        needs one event done before the next starts calls :meth:`process`
-        for each.
+        are started in order but may finish in any order.
+
+        ``ordered=True`` is for a source that keeps order (CDC): the events
+        reach the target in the order given. Where the target writes a
+        batch in one go (:attr:`batches`) it still gets them in one
+        ``deliver_many`` call, which applies them in order, and the failed
+        ones are retried one after the other, in order; any other flow runs
+        :meth:`process` for one event after the other.
 
         """
         direct = self._direct
+        if ordered and (direct is None or not self.batches):
+            return [await _outcome_of(self.process(event)) for event in events]
         if direct is None or len(events) == 1:
             results = await asyncio.gather(
                 *(self.process(event) for event in events), return_exceptions=True
@@ -241,9 +250,11 @@ class FlowHandle:
             outcomes: list[FlowError | None] = [None] * count
             if not failed:
                 return outcomes
-            retried = await asyncio.gather(
-                *(self._retry_outcome(target, deliveries[i], e) for i, e in failed)
-            )
+            retries = (self._retry_outcome(target, deliveries[i], e) for i, e in failed)
+            if ordered:
+                retried = [await retry for retry in retries]
+            else:
+                retried = await asyncio.gather(*retries)
             for (i, _), outcome in zip(failed, retried, strict=True):
                 outcomes[i] = outcome
             self._metrics.events_failed.labels(self.flow).inc(
@@ -420,6 +431,15 @@ class FlowHandle:
             else:
                 target.delivered[0] += 1
                 return
+
+
+async def _outcome_of(running: Awaitable[None]) -> FlowError | None:
+    """Await one process(); what it did, as process_many() reports it."""
+    try:
+        await running
+    except FlowError as exc:
+        return exc
+    return None
 
 
 def _outcome(result: BaseException | None) -> FlowError | None:
