@@ -22,10 +22,12 @@ one unit, in one transaction, awaited with one future; each event still
 succeeds only once its row committed.
 
 Known limitations: rows of one table written with different column sets go
-out in different batches; batches of one table may commit in a different
-order than their deliveries began when ``pool_size`` allows several in
-flight (an ordered source such as CDC delivers one event at a time, so its
-order holds); there is no ``UPDATE`` or ``DELETE`` target.
+out in different batches (of one ``deliver_many`` call, each run of
+consecutive rows with the same columns is one unit, written after the one
+before it); batches of one table may commit in a different order than
+their deliveries began when ``pool_size`` allows several in flight (an
+ordered source such as CDC hands over one batch at a time and waits for
+it, so its order holds); there is no ``UPDATE`` or ``DELETE`` target.
 
 """
 
@@ -333,10 +335,11 @@ class DatabaseConnector(Connector):
                     self._forget(plan.statement.table)
                 return errors
 
-        # Make each row, grouped by plan (rows of one plan share a statement);
-        # the plan is cached per shape of payload.
+        # Make each row, grouped by plan (rows of one plan share a statement)
+        # where consecutive rows have the same plan, so that the groups keep
+        # the deliveries' order; the plan is cached per shape of payload.
         outcomes: list[BaseException | None] = [None] * len(deliveries)
-        groups: dict[_Plan, tuple[list[int], list[tuple[Any, ...]]]] = {}
+        groups: list[tuple[_Plan, list[int], list[tuple[Any, ...]]]] = []
         plans = self._plans
         for index, delivery in enumerate(deliveries):
             payload = delivery.payload
@@ -357,20 +360,15 @@ class DatabaseConnector(Connector):
             except DeliveryError as exc:
                 outcomes[index] = exc
                 continue
-            group = groups.get(plan)
-            if group is None:
-                group = groups[plan] = ([], [])
-            group[0].append(index)
-            group[1].append(row)
+            if not groups or groups[-1][0] is not plan:
+                groups.append((plan, [], []))
+            groups[-1][1].append(index)
+            groups[-1][2].append(row)
 
         # Write the groups, each as one unit of the batcher, one after the
-        # other in the order of their first delivery: rows of one batch
-        # commit in the order they were handed over.
-        written = [
-            await self._batcher.write_many(plan.statement, rows)
-            for plan, (_, rows) in groups.items()
-        ]
-        for (plan, (indexes, _)), errors in zip(groups.items(), written, strict=True):
+        # other: rows of one batch commit in the order they were handed over.
+        for plan, indexes, rows in groups:
+            errors = await self._batcher.write_many(plan.statement, rows)
             if any(error is not None for error in errors):
                 self._forget(plan.statement.table)
             for index, error in zip(indexes, errors, strict=True):
