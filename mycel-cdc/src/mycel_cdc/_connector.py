@@ -7,7 +7,11 @@ Three tasks share one replication session:
   commit and after each server keepalive received between transactions;
 - the processor hands each event, in order, to every flow bound to its
   table and operation, and advances the confirmed position when it reaches
-  a mark: only once everything before the mark has finished;
+  a mark: only once everything before the mark has finished. Consecutive
+  events for the same one flow into a target that writes batches (a
+  database) are handed to it together, in order
+  (``process_many(ordered=True)``), and the marks among them count once
+  all of them are done;
 - the status sender reports the confirmed position to the server soon
   after it moves (at most every 20 ms) and at least every
   ``status_interval`` (and the reader does so whenever the server asks),
@@ -42,6 +46,7 @@ import logging
 import random
 import struct
 from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import psycopg
@@ -77,6 +82,9 @@ _XLOG_HEAD = struct.Struct(">Q")
 _KEEPALIVE = struct.Struct(">QqB")
 _BATCH = 512
 _QUEUE_BATCHES = 64
+_TAKE = 4 * _BATCH
+"""Most changes the processor takes from the queue in one go: what is
+queued when it gets there, so that under load a database gets longer runs."""
 _RETRY_FIRST = 1.0
 _RETRY_MAX = 30.0
 _RECONNECT_FIRST = 0.5
@@ -425,35 +433,61 @@ class CdcConnector(Connector):
                     await self._send_status(stream)
 
     async def _process_loop(self) -> None:
+        queue = self._queue
+        held: tuple[int, list[Change | int]] | None = None
         while True:
-            generation, batch = await self._queue.get()
+            generation, batch = held or await queue.get()
+            held = None
             # Flows that finish without waiting would never let the loop
             # run otherwise: yield once per batch.
             await asyncio.sleep(0)
-            for item in batch:
+
+            # Take along what else is queued from the same session.
+            while len(batch) < _TAKE and not queue.empty():
+                more = queue.get_nowait()
+                if more[0] != generation:
+                    held = more
+                    break
+                batch += more[1]
+
+            for targets, events, mark in _runs(batch, self._context):
                 if generation != self._generation:
                     break  # from a broken session: it is being sent again
-                if isinstance(item, int):
-                    if item > self.confirmed:
-                        self.confirmed = item
-                        if not self._advanced.is_set():
-                            self._advanced.set()
-                    continue
-                if self._stop_requested:
+                if events and self._stop_requested:
                     return
-                payload, targets = item
-                event = Event(payload, self._context)
-                if len(targets) == 1:
+                if len(events) > 1:
+                    await self._run_many(targets[0], events)
+                elif len(targets) == 1:
                     # The common case, inline: one flow that succeeds.
-                    binding = targets[0]
+                    binding, event = targets[0], events[0]
                     try:
                         await binding.handle.process(event)
                     except FlowError as exc:
                         await self._failed(binding, event, exc)
                     except Exception as exc:  # a bug below: never die silently
                         await self._failed(binding, event, _as_flow_error(binding, exc))
-                else:
+                elif targets:
+                    event = events[0]
                     await asyncio.gather(*(self._run(b, event) for b in targets))
+                if mark:
+                    self._confirm(mark)
+
+    def _confirm(self, mark: int) -> None:
+        """Everything up to ``mark`` is done: let the status sender say so."""
+        if mark > self.confirmed:
+            self.confirmed = mark
+            if not self._advanced.is_set():
+                self._advanced.set()
+
+    async def _run_many(self, binding: SourceBinding, events: list[Event]) -> None:
+        """Run one flow for consecutive changes, handed over together, in order."""
+        try:
+            outcomes = await binding.handle.process_many(events, ordered=True)
+        except Exception as exc:  # a bug below: never die silently
+            outcomes = [_as_flow_error(binding, exc)] * len(events)
+        for event, outcome in zip(events, outcomes, strict=True):
+            if outcome is not None:
+                await self._failed(binding, event, outcome)
 
     async def _run(self, binding: SourceBinding, event: Event) -> None:
         """Run one flow for one change until it succeeds or fails for good."""
@@ -520,6 +554,47 @@ class CdcConnector(Connector):
     async def _send_status(self, stream: ReplicationStream) -> None:
         await stream.send_status(max(self._received, self.confirmed), self.confirmed)
         self._lag.set(max(0, self._server_end - self.confirmed))
+
+
+_Run = tuple[Sequence[SourceBinding], list[Event], int]
+
+
+def _runs(batch: list[Change | int], context: Mapping[str, Any]) -> Iterator[_Run]:
+    """The queued changes as (flows, events, mark) to run one after the other.
+
+    Consecutive changes for the same one flow, when its target writes
+    batches (``handle.batches``: a database), come as one run of several
+    events; every other change comes alone, with the flows it goes to. A
+    mark (an LSN that is done once everything before it is) comes with no
+    events, or, met inside a run, as the run's own mark: it counts once
+    the run is done.
+    """
+    run: list[Event] = []
+    flows: Sequence[SourceBinding] = ()
+    mark = 0
+    for item in batch:
+        if isinstance(item, int):
+            if run:
+                mark = item
+            else:
+                yield (), [], item
+            continue
+        payload, targets = item
+        event = Event(payload, context)
+        if len(targets) == 1 and targets[0].handle.batches:
+            if run and targets[0] is flows[0]:
+                run.append(event)
+                continue
+            if run:
+                yield flows, run, mark
+            flows, run, mark = targets, [event], 0
+            continue
+        if run:
+            yield flows, run, mark
+            flows, run, mark = (), [], 0
+        yield targets, [event], 0
+    if run:
+        yield flows, run, mark
 
 
 def _as_flow_error(binding: SourceBinding, exc: Exception) -> FlowError:

@@ -635,6 +635,134 @@ async def test_audit_updates_from_real_change_data_capture(
     ]
 
 
+async def test_cdc_changes_commit_in_their_order_a_run_at_a_time(
+    pg_logical_database: str,
+) -> None:
+    # CDC hands a flow into the database each run of consecutive changes
+    # in one go (process_many, ordered). A DELETE carries the key columns
+    # only, another column set than INSERT and UPDATE, so a run holds rows
+    # of two shapes; they must still commit in the order of the changes.
+    try:
+        import mycel_cdc  # noqa: F401
+    except ImportError:
+        service_unavailable("mycel-cdc, for the CDC source")
+    conn = await asyncpg.connect(pg_logical_database)
+    try:
+        await conn.execute("""
+            CREATE TABLE users (id int PRIMARY KEY, name text);
+            CREATE TABLE audit_log (
+              seq bigserial PRIMARY KEY, id int, name text, _operation text
+            );
+        """)
+        text = f"""
+        connector "cdc" {{
+          type              = "cdc"
+          connection_string = "{pg_logical_database}"
+          tables            = ["users"]
+          slot_name         = "runs_{uuid.uuid4().hex[:10]}"
+        }}
+        connector "audit_db" {{
+          type              = "database"
+          driver            = "postgres"
+          connection_string = "{pg_logical_database}"
+        }}
+        flow "audit" {{
+          from {{ connector = "cdc"       operation = "users.*" }}
+          to   {{ connector = "audit_db"  target = "INSERT audit_log" }}
+        }}
+        """
+        async with running(text) as app:
+
+            async def audited(count: int) -> bool:
+                return bool(
+                    await conn.fetchval("SELECT count(*) FROM audit_log") == count
+                )
+
+            async with conn.transaction():
+                for i in range(100):
+                    await conn.execute("INSERT INTO users VALUES ($1, 'a')", i)
+                    await conn.execute("UPDATE users SET name = 'b' WHERE id = $1", i)
+                    await conn.execute("DELETE FROM users WHERE id = $1", i)
+            await eventually(lambda: audited(300), timeout=15)
+            registry = app.runtime.metrics.registry
+            labels = {"connector": "audit_db"}
+            before = registry.get_sample_value("mycel_database_batches_total", labels)
+
+            # A thousand rows of one shape: a handful of transactions.
+            await conn.execute(
+                "INSERT INTO users SELECT g, 'c' FROM generate_series(1000, 1999) g"
+            )
+            await eventually(lambda: audited(1300), timeout=15)
+            after = registry.get_sample_value("mycel_database_batches_total", labels)
+        rows = await conn.fetch(
+            "SELECT id, name, _operation FROM audit_log ORDER BY seq"
+        )
+    finally:
+        await conn.close()
+    assert [tuple(r) for r in rows[:300]] == [
+        change
+        for i in range(100)
+        for change in ((i, "a", "INSERT"), (i, "b", "UPDATE"), (i, None, "DELETE"))
+    ]
+    assert [tuple(r) for r in rows[300:]] == [
+        (i, "c", "INSERT") for i in range(1000, 2000)
+    ]
+    assert before is not None and after is not None
+    assert after - before <= 20  # one per row without runs
+
+
+async def test_a_cdc_change_the_database_refuses_fails_alone_in_its_run(
+    pg_logical_database: str,
+) -> None:
+    try:
+        from mycel_cdc import CdcConnector, parse_lsn
+    except ImportError:
+        service_unavailable("mycel-cdc, for the CDC source")
+    conn = await asyncpg.connect(pg_logical_database)
+    try:
+        await conn.execute("""
+            CREATE TABLE users (id int PRIMARY KEY, name text);
+            CREATE TABLE audit_log (
+              seq bigserial PRIMARY KEY, id int, name text CHECK (name <> 'bad')
+            );
+        """)
+        text = f"""
+        connector "cdc" {{
+          type              = "cdc"
+          connection_string = "{pg_logical_database}"
+          tables            = ["users"]
+          slot_name         = "refused_{uuid.uuid4().hex[:10]}"
+        }}
+        connector "audit_db" {{
+          type              = "database"
+          driver            = "postgres"
+          connection_string = "{pg_logical_database}"
+        }}
+        flow "audit" {{
+          from {{ connector = "cdc"       operation = "users.INSERT" }}
+          to   {{ connector = "audit_db"  target = "INSERT audit_log" }}
+        }}
+        """
+        async with running(text) as app:
+            await conn.execute(
+                "INSERT INTO users SELECT g, CASE WHEN g = 250 THEN 'bad' "
+                "ELSE 'ok' END FROM generate_series(1, 500) g"
+            )
+            end = parse_lsn(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+            cdc = app.connector("cdc")
+            assert isinstance(cdc, CdcConnector)
+            await eventually(lambda: cdc.confirmed >= end, timeout=15)
+            [(flow, event, reason)] = cdc.dead_letters
+            query = "SELECT id FROM audit_log ORDER BY seq"
+            ids = [r["id"] for r in await conn.fetch(query)]
+    finally:
+        await conn.close()
+    assert (flow, event["id"]) == ("audit", 250)
+    assert reason.startswith("flow 'audit': to 'audit_db' failed after 1 try: ")
+    assert "check constraint" in reason
+    assert ids == [i for i in range(1, 501) if i != 250]
+
+
 @pytest.mark.parametrize(
     ("extra_keys", "reasons", "rows"),
     [
