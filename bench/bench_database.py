@@ -167,8 +167,8 @@ async def one_at_a_time(
 
     Each event goes through ``FlowHandle.process`` on its own, from 1024
     tasks at once (the flow's concurrency, as a source's consumers would
-    be); only the database target's batcher groups their rows into shared
-    transactions.
+    be); the engine hands the events of one loop iteration to the target
+    together.
     """
     conn = await asyncpg.connect(url)
     try:
@@ -274,8 +274,9 @@ async def main() -> None:
                 "aim": "",
                 "notes": (
                     "as the websocket and RabbitMQ sources hand events over: "
-                    "FlowHandle.process per event from 1024 tasks, rows grouped "
-                    f"only by the target's batcher; {single_cpu:.1f} µs CPU/row"
+                    "FlowHandle.process per event from 1024 tasks, the events of "
+                    "one loop iteration handed to the target together; "
+                    f"{single_cpu:.1f} µs CPU/row"
                 ),
             }
         )

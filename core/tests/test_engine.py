@@ -20,7 +20,7 @@ from mycel import (
     _builtin,
     hookimpl,
 )
-from mycel.testing import running
+from mycel.testing import eventually, running
 
 
 class RecorderSettings(Settings):
@@ -451,6 +451,52 @@ async def test_process_many_with_a_transform_runs_each_event_on_its_own() -> Non
         assert sample(app, "mycel_events_failed_total", flow="f") == 1
 
 
+async def test_events_handed_to_process_at_once_reach_the_target_together() -> None:
+    # Four callers in one loop iteration, as a source's consumers would be:
+    # one deliver_many call, and each caller gets its own event's outcome.
+    async with running(picky_config(), plugins=PICKY_PLUGINS) as app:
+        flow = app.runtime.flows["f"]
+        assert flow.batches
+        results = await asyncio.gather(
+            *(flow.process(Event(p, {"topic": "t"})) for p in MIXED),
+            return_exceptions=True,
+        )
+        picky = picky_of(app)
+        assert picky.batches == [[1, 2, 3, 4]]
+        assert sorted(picky.delivered) == [1, 3, 4]
+        assert [str(r) if r else None for r in results] == [
+            None,
+            "flow 'f': to 'pk' failed after 1 try: refused 2",
+            None,
+            None,
+        ]
+        assert sample(app, "mycel_events_in_total", flow="f") == 4
+        assert sample(app, "mycel_events_failed_total", flow="f") == 1
+        assert app.runtime.in_flight.count == 0
+
+        # The next iteration's events make a batch of their own.
+        await flow.process(Event({"n": 5}, {"topic": "t"}))
+        assert picky.batches[1:] == [[5]]
+
+
+async def test_a_cancelled_caller_of_process_leaves_the_others_their_outcome() -> None:
+    async with running(picky_config(), plugins=PICKY_PLUGINS) as app:
+        flow = app.runtime.flows["f"]
+        slow = asyncio.ensure_future(flow.process(Event({"n": 1, "wait": 0.05})))
+        other = asyncio.ensure_future(flow.process(Event({"n": 2, "wait": 0.05})))
+        picky = picky_of(app)
+        await eventually(lambda: picky.tries == {1: 1, 2: 1})  # both under way
+        slow.cancel()
+        await other
+        with pytest.raises(asyncio.CancelledError):
+            await slow
+        # Handed over before the cancel, its delivery still went through:
+        # at least once, as any source that cancels may see.
+        assert picky.batches == [[1, 2]]
+        assert sorted(picky.delivered) == [1, 2]
+        assert app.runtime.in_flight.count == 0
+
+
 async def test_process_many_ordered_retries_the_failed_in_order() -> None:
     # The first try is one batch; of the two that fail, the first is slower
     # to retry, and still lands first.
@@ -508,7 +554,7 @@ async def test_memory_source_with_concurrency_one_keeps_publish_order() -> None:
             await bus.publish("t", payload)
         await bus.drain()
         picky = picky_of(app)
-        assert picky.batches == []
+        assert picky.batches == [[1], [2], [3], [4]]  # one at a time
         assert picky.delivered == [1, 3, 4]
 
 

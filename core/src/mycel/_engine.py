@@ -148,6 +148,7 @@ class FlowHandle:
         one go (overrides :meth:`~mycel.Connector.deliver_many`). A source
         hands over batches only then; otherwise one event per worker keeps
         the work spread over its workers."""
+        self._together = _Together(self) if self.batches else None
 
     def _direct_target(self) -> _Direct | None:
         """The one ``to`` block when the flow evaluates nothing per event.
@@ -169,7 +170,23 @@ class FlowHandle:
         return _Direct(self._targets[0])
 
     async def process(self, event: Event) -> None:
-        """Run the flow for ``event``; raise FlowError if it gave up."""
+        """Run the flow for ``event``; raise FlowError if it gave up.
+
+        Where the target writes batches (:attr:`batches`), the events handed
+        to ``process`` in one event loop iteration, by however many callers,
+        go to it together, as :meth:`process_many` sends them, at the end of
+        that iteration; each call still returns or raises for its own
+        event. A source that hands over one event at a time (a WebSocket
+        message, a RabbitMQ delivery) so gets one transaction for the rows
+        of a burst rather than one per row.
+
+        """
+        together = self._together
+        if together is not None:
+            outcome = await together.submit(event)
+            if outcome is not None:
+                raise outcome
+            return
         self._events_in[0] += 1
         in_flight = self._in_flight
         in_flight.enter()
@@ -220,9 +237,9 @@ class FlowHandle:
 
         """
         direct = self._direct
-        if ordered and (direct is None or not self.batches):
-            return [await _outcome_of(self.process(event)) for event in events]
-        if direct is None or len(events) == 1:
+        if direct is None or (not self.batches and (ordered or len(events) == 1)):
+            if ordered:
+                return [await _outcome_of(self.process(event)) for event in events]
             results = await asyncio.gather(
                 *(self.process(event) for event in events), return_exceptions=True
             )
@@ -233,36 +250,45 @@ class FlowHandle:
         in_flight = self._in_flight
         in_flight.enter(count)
         try:
-            # The direct path: one delivery per event, handed over at once.
-            deliveries = [direct.delivery(self.flow, event) for event in events]
-            target = self._targets[0]
-            errors = await self._deliver_many(target, direct, deliveries)
-
-            # What failed goes through the retry policy, each on its own.
-            failed: list[tuple[int, Exception]] = []
-            for i, error in enumerate(errors):
-                if error is None:
-                    continue
-                if not isinstance(error, Exception):
-                    raise error  # cancellation: not an outcome
-                failed.append((i, error))
-            target.delivered[0] += count - len(failed)
-            outcomes: list[FlowError | None] = [None] * count
-            if not failed:
-                return outcomes
-            retries = (self._retry_outcome(target, deliveries[i], e) for i, e in failed)
-            if ordered:
-                retried = [await retry for retry in retries]
-            else:
-                retried = await asyncio.gather(*retries)
-            for (i, _), outcome in zip(failed, retried, strict=True):
-                outcomes[i] = outcome
-            self._metrics.events_failed.labels(self.flow).inc(
-                sum(outcome is not None for outcome in retried)
-            )
-            return outcomes
+            return await self._deliver_together(events, ordered)
         finally:
             in_flight.leave(count)
+
+    async def _deliver_together(
+        self, events: Sequence[Event], ordered: bool
+    ) -> list[FlowError | None]:
+        """process_many's direct path, for events already counted in."""
+        # One delivery per event, handed over at once.
+        direct = self._direct
+        assert direct is not None
+        deliveries = [direct.delivery(self.flow, event) for event in events]
+        target = self._targets[0]
+        errors = await self._deliver_many(target, direct, deliveries)
+
+        # What failed goes through the retry policy, each on its own.
+        failed: list[tuple[int, Exception]] = []
+        for i, error in enumerate(errors):
+            if error is None:
+                continue
+            if not isinstance(error, Exception):
+                raise error  # cancellation: not an outcome
+            failed.append((i, error))
+        count = len(deliveries)
+        target.delivered[0] += count - len(failed)
+        outcomes: list[FlowError | None] = [None] * count
+        if not failed:
+            return outcomes
+        retries = (self._retry_outcome(target, deliveries[i], e) for i, e in failed)
+        if ordered:
+            retried = [await retry for retry in retries]
+        else:
+            retried = await asyncio.gather(*retries)
+        for (i, _), outcome in zip(failed, retried, strict=True):
+            outcomes[i] = outcome
+        self._metrics.events_failed.labels(self.flow).inc(
+            sum(outcome is not None for outcome in retried)
+        )
+        return outcomes
 
     @staticmethod
     async def _deliver_many(
@@ -431,6 +457,64 @@ class FlowHandle:
             else:
                 target.delivered[0] += 1
                 return
+
+
+class _Together:
+    """The events handed to one flow's process() in one loop iteration.
+
+    At the end of the iteration they go to the target in one
+    ``deliver_many`` call, in a task of their own (see
+    :meth:`FlowHandle.process`); each caller awaits its own outcome. Only
+    for flows whose target writes batches.
+
+    """
+
+    __slots__ = ("_handle", "_pending", "_running")
+
+    def __init__(self, handle: FlowHandle) -> None:
+        self._handle = handle
+        self._pending: list[tuple[Event, asyncio.Future[FlowError | None]]] = []
+        self._running: set[asyncio.Task[None]] = set()
+        """Keeps the tasks alive until they are done."""
+
+    def submit(self, event: Event) -> asyncio.Future[FlowError | None]:
+        """The event's outcome, once its batch has been delivered."""
+        handle = self._handle
+        handle._events_in[0] += 1
+        handle._in_flight.enter()
+        loop = asyncio.get_running_loop()
+        if not self._pending:
+            loop.call_soon(self._hand_over)
+        future: asyncio.Future[FlowError | None] = loop.create_future()
+        self._pending.append((event, future))
+        return future
+
+    def _hand_over(self) -> None:
+        batch, self._pending = self._pending, []
+        task = asyncio.get_running_loop().create_task(self._deliver(batch))
+        self._running.add(task)
+        task.add_done_callback(self._running.discard)
+
+    async def _deliver(
+        self, batch: list[tuple[Event, asyncio.Future[FlowError | None]]]
+    ) -> None:
+        handle = self._handle
+        try:
+            outcomes = await handle._deliver_together([e for e, _ in batch], False)
+        except asyncio.CancelledError:
+            for _, future in batch:
+                future.cancel()
+            raise
+        except Exception as exc:  # the task's top: each caller gets it raised
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        finally:
+            handle._in_flight.leave(len(batch))
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            if not future.done():  # its caller may have been cancelled
+                future.set_result(outcome)
 
 
 async def _outcome_of(running: Awaitable[None]) -> FlowError | None:
