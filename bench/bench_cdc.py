@@ -85,11 +85,12 @@ flow "f" {{
 """
 
 
-async def run_mycel(dsn: str, slot: str, end: int) -> float:
-    config = load_test_config(
-        cdc_config(dsn, slot, "bench", 'connector "out" { type = "memory" }')
-    )
-    runtime = Runtime(config)
+async def stream(text: str, end: int) -> tuple[float, CdcConnector]:
+    """Run ``text`` from its start until connector "cdc" confirmed ``end``.
+
+    Seconds taken, connecting included, and the connector, stopped.
+    """
+    runtime = Runtime(load_test_config(text))
     started = time.perf_counter()
     await runtime.start()
     gc.freeze()  # as mycel run does after start-up (mycel.cli.serve)
@@ -99,6 +100,12 @@ async def run_mycel(dsn: str, slot: str, end: int) -> float:
         await asyncio.sleep(0.002)
     elapsed = time.perf_counter() - started
     await runtime.stop(timeout=5)
+    return elapsed, cdc
+
+
+async def run_mycel(dsn: str, slot: str, end: int) -> float:
+    memory = 'connector "out" { type = "memory" }'
+    elapsed, _ = await stream(cdc_config(dsn, slot, "bench", memory), end)
     return elapsed
 
 

@@ -20,20 +20,14 @@ start-up objects frozen out of the garbage collector's sight.
 from __future__ import annotations
 
 import asyncio
-import gc
 import json
-import sys
 import time
-from pathlib import Path
 
 import asyncpg
 import uvloop
+from bench_cdc import stream  # also puts the project on sys.path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from mycel import Runtime
-from mycel.testing import load_test_config
-from mycel_cdc import CdcConnector, parse_lsn
+from mycel_cdc import parse_lsn
 from testsupport.postgres import start_logical_cluster
 
 ROWS = 100_000
@@ -72,16 +66,7 @@ async def through_mycel(
     conn: asyncpg.Connection, dsn: str, slot: str, end: int
 ) -> float:
     await conn.execute("TRUNCATE audit_log")
-    runtime = Runtime(load_test_config(CONFIG.format(dsn=dsn, slot=slot)))
-    started = time.perf_counter()
-    await runtime.start()
-    gc.freeze()  # as mycel run does after start-up (mycel.cli.serve)
-    cdc = runtime.connectors["cdc"]
-    assert isinstance(cdc, CdcConnector)
-    while cdc.confirmed < end:
-        await asyncio.sleep(0.002)
-    elapsed = time.perf_counter() - started
-    await runtime.stop(timeout=5)
+    elapsed, cdc = await stream(CONFIG.format(dsn=dsn, slot=slot), end)
     assert not cdc.dead_letters, list(cdc.dead_letters)[:3]
     assert await conn.fetchval("SELECT count(*) FROM audit_log") == ROWS
     return elapsed

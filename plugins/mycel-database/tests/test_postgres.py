@@ -635,6 +635,34 @@ async def test_audit_updates_from_real_change_data_capture(
     ]
 
 
+def cdc_audit(dsn: str, operation: str) -> str:
+    """CDC of ``users`` into ``INSERT audit_log``, the audit_updates shape.
+
+    Skips (fails, in CI) where mycel-cdc is not installed.
+    """
+    try:
+        import mycel_cdc  # noqa: F401
+    except ImportError:
+        service_unavailable("mycel-cdc, for the CDC source")
+    return f"""
+    connector "cdc" {{
+      type              = "cdc"
+      connection_string = "{dsn}"
+      tables            = ["users"]
+      slot_name         = "audit_{uuid.uuid4().hex[:10]}"
+    }}
+    connector "audit_db" {{
+      type              = "database"
+      driver            = "postgres"
+      connection_string = "{dsn}"
+    }}
+    flow "audit" {{
+      from {{ connector = "cdc"       operation = "{operation}" }}
+      to   {{ connector = "audit_db"  target = "INSERT audit_log" }}
+    }}
+    """
+
+
 async def test_cdc_changes_commit_in_their_order_a_run_at_a_time(
     pg_logical_database: str,
 ) -> None:
@@ -642,10 +670,7 @@ async def test_cdc_changes_commit_in_their_order_a_run_at_a_time(
     # in one go (process_many, ordered). A DELETE carries the key columns
     # only, another column set than INSERT and UPDATE, so a run holds rows
     # of two shapes; they must still commit in the order of the changes.
-    try:
-        import mycel_cdc  # noqa: F401
-    except ImportError:
-        service_unavailable("mycel-cdc, for the CDC source")
+    text = cdc_audit(pg_logical_database, "users.*")
     conn = await asyncpg.connect(pg_logical_database)
     try:
         await conn.execute("""
@@ -654,23 +679,6 @@ async def test_cdc_changes_commit_in_their_order_a_run_at_a_time(
               seq bigserial PRIMARY KEY, id int, name text, _operation text
             );
         """)
-        text = f"""
-        connector "cdc" {{
-          type              = "cdc"
-          connection_string = "{pg_logical_database}"
-          tables            = ["users"]
-          slot_name         = "runs_{uuid.uuid4().hex[:10]}"
-        }}
-        connector "audit_db" {{
-          type              = "database"
-          driver            = "postgres"
-          connection_string = "{pg_logical_database}"
-        }}
-        flow "audit" {{
-          from {{ connector = "cdc"       operation = "users.*" }}
-          to   {{ connector = "audit_db"  target = "INSERT audit_log" }}
-        }}
-        """
         async with running(text) as app:
 
             async def audited(count: int) -> bool:
@@ -714,10 +722,9 @@ async def test_cdc_changes_commit_in_their_order_a_run_at_a_time(
 async def test_a_cdc_change_the_database_refuses_fails_alone_in_its_run(
     pg_logical_database: str,
 ) -> None:
-    try:
-        from mycel_cdc import CdcConnector, parse_lsn
-    except ImportError:
-        service_unavailable("mycel-cdc, for the CDC source")
+    text = cdc_audit(pg_logical_database, "users.INSERT")
+    from mycel_cdc import CdcConnector, parse_lsn
+
     conn = await asyncpg.connect(pg_logical_database)
     try:
         await conn.execute("""
@@ -726,23 +733,6 @@ async def test_a_cdc_change_the_database_refuses_fails_alone_in_its_run(
               seq bigserial PRIMARY KEY, id int, name text CHECK (name <> 'bad')
             );
         """)
-        text = f"""
-        connector "cdc" {{
-          type              = "cdc"
-          connection_string = "{pg_logical_database}"
-          tables            = ["users"]
-          slot_name         = "refused_{uuid.uuid4().hex[:10]}"
-        }}
-        connector "audit_db" {{
-          type              = "database"
-          driver            = "postgres"
-          connection_string = "{pg_logical_database}"
-        }}
-        flow "audit" {{
-          from {{ connector = "cdc"       operation = "users.INSERT" }}
-          to   {{ connector = "audit_db"  target = "INSERT audit_log" }}
-        }}
-        """
         async with running(text) as app:
             await conn.execute(
                 "INSERT INTO users SELECT g, CASE WHEN g = 250 THEN 'bad' "
