@@ -46,7 +46,6 @@ import logging
 import random
 import struct
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 import psycopg
@@ -449,28 +448,59 @@ class CdcConnector(Connector):
                     held = more
                     break
                 batch += more[1]
+            if not await self._process(generation, batch):
+                return
 
-            for targets, events, mark in _runs(batch, self._context):
-                if generation != self._generation:
-                    break  # from a broken session: it is being sent again
-                if events and self._stop_requested:
-                    return
-                if len(events) > 1:
-                    await self._run_many(targets[0], events)
-                elif len(targets) == 1:
-                    # The common case, inline: one flow that succeeds.
-                    binding, event = targets[0], events[0]
-                    try:
-                        await binding.handle.process(event)
-                    except FlowError as exc:
-                        await self._failed(binding, event, exc)
-                    except Exception as exc:  # a bug below: never die silently
-                        await self._failed(binding, event, _as_flow_error(binding, exc))
-                elif targets:
-                    event = events[0]
-                    await asyncio.gather(*(self._run(b, event) for b in targets))
-                if mark:
-                    self._confirm(mark)
+    async def _process(self, generation: int, batch: list[Change | int]) -> bool:
+        """Run the flows of the changes in ``batch``; False once stopping.
+
+        Consecutive changes for the same one flow into a target that writes
+        batches (a database) go to it together, as a run; a mark met inside
+        a run counts once the run is done.
+        """
+        run: list[Event] = []
+        runner: SourceBinding | None = None
+        mark = 0
+        for item in batch:
+            if generation != self._generation:
+                return True  # from a broken session: it is being sent again
+            if isinstance(item, int):
+                if run:
+                    mark = item
+                else:
+                    self._confirm(item)
+                continue
+            if self._stop_requested:
+                return False
+            payload, targets = item
+            event = Event(payload, self._context)
+            if run:
+                if len(targets) == 1 and targets[0] is runner:
+                    run.append(event)
+                    continue
+                assert runner is not None
+                await self._run_many(runner, run)
+                self._confirm(mark)
+                run, runner, mark = [], None, 0
+            if len(targets) == 1:
+                binding = targets[0]
+                if binding.handle.batches:
+                    run, runner = [event], binding
+                    continue
+                # The common case, inline: one flow that succeeds.
+                try:
+                    await binding.handle.process(event)
+                except FlowError as exc:
+                    await self._failed(binding, event, exc)
+                except Exception as exc:  # a bug below: never die silently
+                    await self._failed(binding, event, _as_flow_error(binding, exc))
+            else:
+                await asyncio.gather(*(self._run(b, event) for b in targets))
+        if run and generation == self._generation and not self._stop_requested:
+            assert runner is not None
+            await self._run_many(runner, run)
+            self._confirm(mark)
+        return True
 
     def _confirm(self, mark: int) -> None:
         """Everything up to ``mark`` is done: let the status sender say so."""
@@ -554,47 +584,6 @@ class CdcConnector(Connector):
     async def _send_status(self, stream: ReplicationStream) -> None:
         await stream.send_status(max(self._received, self.confirmed), self.confirmed)
         self._lag.set(max(0, self._server_end - self.confirmed))
-
-
-_Run = tuple[Sequence[SourceBinding], list[Event], int]
-
-
-def _runs(batch: list[Change | int], context: Mapping[str, Any]) -> Iterator[_Run]:
-    """The queued changes as (flows, events, mark) to run one after the other.
-
-    Consecutive changes for the same one flow, when its target writes
-    batches (``handle.batches``: a database), come as one run of several
-    events; every other change comes alone, with the flows it goes to. A
-    mark (an LSN that is done once everything before it is) comes with no
-    events, or, met inside a run, as the run's own mark: it counts once
-    the run is done.
-    """
-    run: list[Event] = []
-    flows: Sequence[SourceBinding] = ()
-    mark = 0
-    for item in batch:
-        if isinstance(item, int):
-            if run:
-                mark = item
-            else:
-                yield (), [], item
-            continue
-        payload, targets = item
-        event = Event(payload, context)
-        if len(targets) == 1 and targets[0].handle.batches:
-            if run and targets[0] is flows[0]:
-                run.append(event)
-                continue
-            if run:
-                yield flows, run, mark
-            flows, run, mark = targets, [event], 0
-            continue
-        if run:
-            yield flows, run, mark
-            flows, run, mark = (), [], 0
-        yield targets, [event], 0
-    if run:
-        yield flows, run, mark
 
 
 def _as_flow_error(binding: SourceBinding, exc: Exception) -> FlowError:
