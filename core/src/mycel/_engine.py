@@ -178,7 +178,9 @@ class FlowHandle:
         that iteration; each call still returns or raises for its own
         event. A source that hands over one event at a time (a WebSocket
         message, a RabbitMQ delivery) so gets one transaction for the rows
-        of a burst rather than one per row.
+        of a burst rather than one per row. Cancelling such a call does not
+        take its event back: it may still be delivered, as an at-least-once
+        source that redelivers what it did not see succeed expects.
 
         """
         together = self._together
