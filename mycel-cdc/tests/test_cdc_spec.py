@@ -82,3 +82,32 @@ async def test_spec_example_runs_as_written(pg_logical_database, rabbit):
         await eventually(audited, timeout=15)
     assert rows == [(7, "anna", "UPDATE", "users", {"id": 7})]
     assert Decimal("19.90") == Decimal(str(body["total"]))
+
+
+async def test_notify_on_insert_publishes_a_burst_in_commit_order(
+    pg_logical_database, rabbit
+):
+    # The changes of a burst go to the RabbitMQ target as runs, published in
+    # order while their confirms are awaited together: the queue holds them
+    # in commit order.
+    dsn = pg_logical_database
+    await execute(dsn, *SCHEMA)
+    config = SPEC_EXAMPLE + rabbit.connector("rabbit") + AUDIT_DB
+    environ = {"PG_REPLICATION_URL": dsn, "AUDIT_DB_URL": dsn}
+    created = await rabbit.listen(rabbit.queue("test-burst"), "order.created")
+    async with running(config, environ=environ) as app:
+        await execute(
+            dsn,
+            "INSERT INTO orders SELECT g, g % 7, g FROM generate_series(1, 1000) g",
+            *(f"INSERT INTO orders VALUES ({1000 + i}, 1, 1)" for i in range(1, 51)),
+        )
+        ids = []
+        while len(ids) < 1050:
+            message = await asyncio.wait_for(created.get(), 15)
+            ids.append(json.loads(message.body)["id"])
+        sent = app.runtime.metrics.registry.get_sample_value(
+            "mycel_events_out_total",
+            {"flow": "notify_on_insert", "connector": "rabbit"},
+        )
+    assert ids == list(range(1, 1051))
+    assert sent == 1050

@@ -8,8 +8,8 @@ Three tasks share one replication session:
 - the processor hands each event, in order, to every flow bound to its
   table and operation, and advances the confirmed position when it reaches
   a mark: only once everything before the mark has finished. Consecutive
-  events for the same one flow into a target that writes batches (a
-  database) are handed to it together, in order
+  events for the same one flow into a target that takes batches (a
+  database, RabbitMQ) are handed to it together, in order
   (``process_many(ordered=True)``), and the marks among them count once
   all of them are done;
 - the status sender reports the confirmed position to the server soon
@@ -454,9 +454,9 @@ class CdcConnector(Connector):
     async def _process(self, generation: int, batch: list[Change | int]) -> bool:
         """Run the flows of the changes in ``batch``; False once stopping.
 
-        Consecutive changes for the same one flow into a target that writes
-        batches (a database) go to it together, as a run; a mark met inside
-        a run counts once the run is done.
+        Consecutive changes for the same one flow into a target that takes
+        batches (a database, RabbitMQ) go to it together, as a run; a mark
+        met inside a run counts once the run is done.
         """
         run: list[Event] = []
         runner: SourceBinding | None = None

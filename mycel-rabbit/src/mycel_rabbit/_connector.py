@@ -42,7 +42,7 @@ import logging
 import random
 import uuid
 import weakref
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -646,6 +646,22 @@ class RabbitConnector(Connector):
         )
 
     # -- target ------------------------------------------------------------
+
+    async def deliver_many(
+        self, deliveries: Sequence[Delivery]
+    ) -> list[BaseException | None]:
+        """Publish several payloads in the order given; await their confirms.
+
+        Each publish starts in its own task, in order, and takes the
+        channel's lock (FIFO) before its frames are queued, so the broker
+        gets the messages in the order of ``deliveries`` while their
+        confirms are awaited together. An ordered source (CDC) relies on
+        this to hand over runs of changes.
+        """
+        loop = asyncio.get_running_loop()
+        tasks = [loop.create_task(self.deliver(d)) for d in deliveries]
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        return [r if isinstance(r, BaseException) else None for r in results]
 
     async def deliver(self, delivery: Delivery) -> None:
         """Publish the payload; with confirms, return once the broker has it."""
