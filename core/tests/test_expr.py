@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from decimal import Decimal
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from mycel import Expression, ExpressionError, Template, as_text
 from mycel._expr import IndexedEquality, rewrite_text_equality
@@ -193,3 +196,122 @@ def test_namespaced_library_functions_are_refused_at_load() -> None:
     with pytest.raises(ExpressionError) as info:
         Expression("math.greatest([1, 2])")
     assert str(info.value) == "unknown function 'greatest' in 'math.greatest([1, 2])'"
+
+
+# Plain paths are looked up in Python; CEL must not be able to tell.
+
+_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=False),
+    st.text(max_size=5),
+    st.decimals(allow_nan=False, allow_infinity=False, places=2),
+    st.binary(max_size=3),
+    st.datetimes(timezones=st.sampled_from([None, dt.UTC])),
+    st.dates(),
+    st.timedeltas(),
+)
+_VALUES = st.recursive(
+    _SCALARS,
+    lambda inner: st.one_of(
+        st.lists(inner, max_size=3),
+        st.tuples(inner, inner),
+        st.dictionaries(st.sampled_from(["a", "b", "x y"]), inner, max_size=3),
+        st.dictionaries(st.integers(0, 3), inner, max_size=2),
+    ),
+    max_leaves=8,
+)
+_SOURCES = ["input.a", "input.a.b", "input['x y']", 'output["a"].b', "context.a.a"]
+
+
+def _through_cel(source: str, variables: dict[str, object]) -> tuple[str, object]:
+    slow = Expression(source)
+    slow._path = None  # as every expression was evaluated before
+    try:
+        return "value", slow.evaluate(variables)
+    except ExpressionError as exc:
+        return "error", str(exc)
+
+
+def _reached(path: tuple[str, ...], variables: dict[str, object]) -> object:
+    """``variables`` with only what ``path`` reaches: all CEL has to convert."""
+    reached = _dig(variables, path)
+    for key in reversed(path):
+        reached = {key: reached}
+    return reached
+
+
+def _dig(variables: dict[str, object], path: tuple[str, ...]) -> object:
+    value: object = variables
+    for key in path:
+        assert isinstance(value, dict)
+        value = value[key]
+    return value
+
+
+def _same(got: tuple[str, object], expected: tuple[str, object]) -> bool:
+    # NaN never equals itself: compare floats by their text.
+    if got[0] == expected[0] == "value" and isinstance(expected[1], float):
+        return repr(got[1]) == repr(expected[1])
+    return got == expected
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    source=st.sampled_from(_SOURCES),
+    input=st.dictionaries(st.sampled_from(["a", "b", "x y"]), _VALUES, max_size=3),
+    output=st.dictionaries(st.sampled_from(["a"]), _VALUES, max_size=1),
+    context=_VALUES,
+)
+def test_a_plain_path_evaluates_as_cel_does(
+    source: str, input: dict[str, object], output: dict[str, object], context: object
+) -> None:
+    variables = {"input": input, "output": output, "context": context}
+    before = _through_cel(source, variables)
+    try:
+        now: tuple[str, object] = "value", Expression(source).evaluate(variables)
+    except ExpressionError as exc:
+        now = "error", str(exc)
+    if before[0] == "value" or now[0] == "error":
+        assert _same(now, before)
+    else:
+        # CEL failed on a value the path does not reach; given only what it
+        # reaches, CEL gives what the lookup gave.
+        path = Expression(source)._path
+        assert path is not None
+        pruned = _reached(path, variables)
+        assert isinstance(pruned, dict)
+        assert _same(now, _through_cel(source, pruned))
+
+
+def test_a_plain_path_still_works_when_other_fields_are_not_cel_values() -> None:
+    # CEL cannot take a date anywhere in the variables; a path that does not
+    # reach it no longer needs to convert it.
+    variables = {"input": {"id": 7, "day": dt.date(2026, 12, 4)}}
+    assert Expression("input.id").evaluate(variables) == 7
+    with pytest.raises(ExpressionError):
+        Expression("input.day").evaluate(variables)
+    with pytest.raises(ExpressionError):
+        Expression("input.id + 1").evaluate(variables)
+
+
+@pytest.mark.parametrize(
+    ("source", "path"),
+    [
+        ("input.id", ("input", "id")),
+        (" input . order [ 'id' ] ", ("input", "order", "id")),
+        ('context.params["user-id"]', ("context", "params", "user-id")),
+        ("output", ("output",)),
+        ("input.id + 1", None),
+        ("input.items[0]", None),
+        ("size(input)", None),
+        ("input.a == 'x'", None),
+        ("input.a.size()", None),
+        ("input['a\\'b']", None),
+    ],
+)
+def test_which_expressions_are_plain_paths(
+    source: str, path: tuple[str, ...] | None
+) -> None:
+    assert Expression(source)._path == path
