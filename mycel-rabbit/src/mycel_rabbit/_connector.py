@@ -652,16 +652,14 @@ class RabbitConnector(Connector):
     ) -> list[BaseException | None]:
         """Publish several payloads in the order given; await their confirms.
 
-        Each publish starts in its own task, in order, and takes the
-        channel's lock (FIFO) before its frames are queued, so the broker
-        gets the messages in the order of ``deliveries`` while their
-        confirms are awaited together. An ordered source (CDC) relies on
-        this to hand over runs of changes.
+        The default does it: each :meth:`deliver` starts in its own task,
+        in order, and takes the channel's lock (asyncio's, first come first
+        served) before its frames are queued, so the broker gets the
+        messages in the order of ``deliveries`` while their confirms are
+        awaited together. Overriding it says so (``handle.batches``), which
+        lets an ordered source (CDC) hand over runs of changes.
         """
-        loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self.deliver(d)) for d in deliveries]
-        results = await asyncio.gather(*tasks, return_exceptions=True)
-        return [r if isinstance(r, BaseException) else None for r in results]
+        return await super().deliver_many(deliveries)
 
     async def deliver(self, delivery: Delivery) -> None:
         """Publish the payload; with confirms, return once the broker has it."""
