@@ -479,8 +479,7 @@ class CdcConnector(Connector):
                     run.append(event)
                     continue
                 assert runner is not None
-                await self._run_many(runner, run)
-                self._confirm(mark)
+                await self._run_many(runner, run, mark)
                 run, runner, mark = [], None, 0
             if len(targets) == 1:
                 binding = targets[0]
@@ -498,8 +497,7 @@ class CdcConnector(Connector):
                 await asyncio.gather(*(self._run(b, event) for b in targets))
         if run and generation == self._generation and not self._stop_requested:
             assert runner is not None
-            await self._run_many(runner, run)
-            self._confirm(mark)
+            await self._run_many(runner, run, mark)
         return True
 
     def _confirm(self, mark: int) -> None:
@@ -509,8 +507,10 @@ class CdcConnector(Connector):
             if not self._advanced.is_set():
                 self._advanced.set()
 
-    async def _run_many(self, binding: SourceBinding, events: list[Event]) -> None:
-        """Run one flow for consecutive changes, handed over together, in order."""
+    async def _run_many(
+        self, binding: SourceBinding, events: list[Event], mark: int
+    ) -> None:
+        """Run one flow for a run of changes, in order; then confirm ``mark``."""
         try:
             outcomes = await binding.handle.process_many(events, ordered=True)
         except Exception as exc:  # a bug below: never die silently
@@ -518,6 +518,7 @@ class CdcConnector(Connector):
         for event, outcome in zip(events, outcomes, strict=True):
             if outcome is not None:
                 await self._failed(binding, event, outcome)
+        self._confirm(mark)
 
     async def _run(self, binding: SourceBinding, event: Event) -> None:
         """Run one flow for one change until it succeeds or fails for good."""
