@@ -182,11 +182,12 @@ async def test_sigkill_cdc_to_database_loses_nothing_and_keeps_commit_order(
             return [row[0] for row in await cursor.fetchall()]
 
     async def paced() -> None:
-        # 30 orders per transaction, 100 transactions over about 3 s: the
-        # flow keeps up, so the kills land in the middle of the stream.
+        # 30 orders per transaction, 100 transactions over about 5 s: the
+        # flow keeps up, so the kills land in the middle of the stream,
+        # with time to spare for the restart between them.
         for start in range(0, total, 30):
             await insert_orders(dsn, range(start, start + 30))
-            await asyncio.sleep(0.03)
+            await asyncio.sleep(0.05)
 
     config = cdc_block(slot_name()) + AUDIT_ORDERS
     mycel = MycelProcess(tmp_path / "run", config, {"PG_REPLICATION_URL": dsn})
